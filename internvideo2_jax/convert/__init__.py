@@ -1,0 +1,1 @@
+"""Weight import/export: official PyTorch checkpoints, HF BERT / LLM safetensors."""

@@ -1,0 +1,92 @@
+"""Reading and writing flat state dicts (name -> numpy array) in .pth / .safetensors / .npz.
+
+`.pth`/`.pt`/`.bin` need torch (optional) and are read with `weights_only=True`, so a checkpoint
+cannot run code. Top-level wrappers (`module` from DeepSpeed, `model`, `state_dict`) are
+unwrapped as the official loaders do.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+_WRAPPERS = ("model", "module", "state_dict")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint does not fit the model; the message lists every offending key."""
+
+
+def unwrap(obj) -> dict:
+  """Returns the inner state dict of `{'model': sd}` / `{'module': sd}` / `{'state_dict': sd}`."""
+  for key in _WRAPPERS:
+    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+      return unwrap(obj[key])
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(f"expected a state dict (mapping of name -> tensor), got {type(obj)}")
+  return dict(obj)
+
+
+def _to_numpy(value):
+  if isinstance(value, np.ndarray):
+    return value
+  if hasattr(value, "detach"):  # torch tensor; bf16 has no numpy dtype, go through fp32
+    t = value.detach().cpu()
+    if str(t.dtype) == "torch.bfloat16":
+      t = t.float()
+    return t.numpy()
+  return np.asarray(value)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Loads a flat state dict from .pth/.pt/.bin (torch), .safetensors or .npz."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  ext = os.path.splitext(path)[1].lower()
+  try:
+    if ext == ".safetensors":
+      from safetensors.numpy import load_file
+      raw = load_file(path)
+    elif ext == ".npz":
+      with np.load(path, allow_pickle=False) as z:
+        raw = {k: z[k] for k in z.files}
+    elif ext in (".pth", ".pt", ".bin", ".ckpt"):
+      try:
+        import torch
+      except ImportError:
+        raise CheckpointError(
+            f"{path}: reading {ext} files needs torch (pip install 'internvideo2-jax[torch]'), or "
+            "convert it once to .safetensors / .npz elsewhere") from None
+      raw = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+      raise CheckpointError(f"{path}: unknown checkpoint format {ext!r} "
+                            "(expected .pth, .pt, .bin, .safetensors or .npz)")
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - report any reader failure with the file name
+    raise CheckpointError(f"{path}: could not read checkpoint: {type(e).__name__}: {e}") from e
+  sd = unwrap(raw)
+  return {k: _to_numpy(v) for k, v in sd.items() if not k.endswith("position_ids")}
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+  """Writes .safetensors or .npz (by extension)."""
+  path = os.fspath(path)
+  arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import save_file
+    save_file(arrays, path)
+  elif path.endswith(".npz"):
+    np.savez(path, **arrays)
+  else:
+    raise ValueError(f"{path}: export format must be .safetensors or .npz")
+
+
+def strip_prefix(state_dict: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+  """Keys under `prefix` with it removed, if any key has it; otherwise the dict unchanged."""
+  if any(k.startswith(prefix) for k in state_dict):
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  return dict(state_dict)

@@ -1,0 +1,253 @@
+"""Official InternVideo2 (PyTorch) vision-encoder weights <-> our Flax parameters.
+
+The conversion is a table: each official key maps to one of our parameter paths with a pure
+reshape/transpose each way. torch Linear (out, in) becomes kernel (in, out...); the qkv rows are
+[q; k; v], each head-major (heads, head_dim); Conv3d (O, I, t, p, p) becomes (t, p, p, I, O);
+`blocks.{i}.*` are stacked on a leading layers axis (the scanned blocks).
+
+Position tables whose size differs from the config (other frame count or resolution) are
+resized with the official interpolation (linear in time, torch bicubic in space).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from internvideo2_jax.convert.io import CheckpointError, strip_prefix
+from internvideo2_jax.models.embeddings import resize_bicubic, resize_linear, resize_pos_embed
+from internvideo2_jax.models.vit import ViTSpec
+
+log = logging.getLogger(__name__)
+
+# Keys of other heads that live next to the encoder in official checkpoints (stage-1/2
+# decoders, classifier heads). Importing the encoder skips them; their own converters read them.
+_OTHER_HEADS = ("clip_decoder.", "final_clip_decoder.", "clip_pos_embed", "clip_img_pos_embed",
+                "mae_decoder.", "mae_pos_embed", "fc_norm.", "head.", "extra_mlp.")
+
+Rule = tuple[str, tuple[str, ...], tuple[int, ...], Callable, Callable]
+
+
+def _linear(out_shape: tuple[int, ...], in_dim: int):
+  """torch (out, in) <-> kernel (in, *out_shape)."""
+  return (lambda w: w.T.reshape((in_dim,) + out_shape),
+          lambda k: k.reshape(in_dim, -1).T)
+
+
+def _linear_in(in_shape: tuple[int, ...], out_dim: int):
+  """torch (out, in) <-> kernel (*in_shape, out)."""
+  return (lambda w: w.T.reshape(in_shape + (out_dim,)),
+          lambda k: k.reshape(-1, out_dim).T)
+
+
+_same = (lambda a: a, lambda a: a)
+
+
+def _rules(s: ViTSpec) -> tuple[list[Rule], list[Rule]]:
+  """(top-level rules, per-block rules): (official key, our path, official shape, to_ours, to_official)."""
+  d, h = s.embed_dim, s.num_heads
+  hd = d // h
+  t, g1, g2 = s.grid
+  p, tt = s.patch_size, s.tubelet_size
+  top: list[Rule] = [
+      ("cls_token", ("cls_token",), (1, 1, d), *_same),
+      ("patch_embed.proj.weight", ("patch_embed", "proj", "kernel"), (d, s.in_chans, tt, p, p),
+       lambda w: w.transpose(2, 3, 4, 1, 0), lambda k: k.transpose(4, 3, 0, 1, 2)),
+      ("patch_embed.proj.bias", ("patch_embed", "proj", "bias"), (d,), *_same),
+  ]
+  if s.sep_pos_embed:
+    top += [("pos_embed_spatial", ("pos_embed_spatial",), (1, g1 * g2, d), *_same),
+            ("pos_embed_temporal", ("pos_embed_temporal",), (1, t, d), *_same),
+            ("pos_embed_cls", ("pos_embed_cls",), (1, 1, d), *_same)]
+  else:
+    top.append(("pos_embed", ("pos_embed",), (1, 1 + t * g1 * g2, d), *_same))
+    if s.sep_image_video_pos_embed:
+      top.append(("img_pos_embed", ("img_pos_embed",), (1, 1 + g1 * g2, d), *_same))
+  if s.attn_pool:
+    ph = s.attn_pool_num_heads
+    cp, ca = "clip_projector", ("clip_projector", "cross_attn")
+    for n in ("q", "k", "v"):
+      top += [(f"{cp}.norm1_{n}.weight", (cp, f"norm1_{n}", "weight"), (d,), *_same),
+              (f"{cp}.norm1_{n}.bias", (cp, f"norm1_{n}", "bias"), (d,), *_same),
+              (f"{cp}.cross_attn.{n}.weight", ca + (n, "kernel"), (d, d), *_linear((d,), d)),
+              (f"{cp}.cross_attn.{n}_bias", ca + (f"{n}_bias",), (d,), *_same)]
+    top += [(f"{cp}.cross_attn.proj.weight", ca + ("proj", "kernel"), (s.clip_embed_dim, d),
+             *_linear_in((ph, d // ph), s.clip_embed_dim)),
+            (f"{cp}.cross_attn.proj.bias", ca + ("proj", "bias"), (s.clip_embed_dim,), *_same)]
+  mh = s.mlp_hidden
+  block: list[Rule] = [
+      ("norm1.weight", ("norm1", "weight"), (d,), *_same),
+      ("attn.qkv.weight", ("attn", "qkv", "kernel"), (3 * d, d), *_linear((3, h, hd), d)),
+      ("attn.proj.weight", ("attn", "proj", "kernel"), (d, d), *_linear_in((h, hd), d)),
+      ("attn.proj.bias", ("attn", "proj", "bias"), (d,), *_same),
+      ("ls1.gamma", ("ls1", "gamma"), (d,), *_same),
+      ("norm2.weight", ("norm2", "weight"), (d,), *_same),
+      ("mlp.fc1.weight", ("mlp", "fc1", "kernel"), (mh, d), *_linear((mh,), d)),
+      ("mlp.fc1.bias", ("mlp", "fc1", "bias"), (mh,), *_same),
+      ("mlp.fc2.weight", ("mlp", "fc2", "kernel"), (d, mh), *_linear((d,), mh)),
+      ("mlp.fc2.bias", ("mlp", "fc2", "bias"), (d,), *_same),
+      ("ls2.gamma", ("ls2", "gamma"), (d,), *_same),
+  ]
+  if s.qkv_bias:
+    block.append(("attn.qkv.bias", ("attn", "qkv", "bias"), (3 * d,),
+                  lambda b: b.reshape(3, h, hd), lambda b: b.reshape(-1)))
+  if s.qk_normalization:
+    block += [("attn.q_norm.weight", ("attn", "q_norm", "weight"), (d,), *_same),
+              ("attn.k_norm.weight", ("attn", "k_norm", "weight"), (d,), *_same)]
+  return top, block
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _source_grid(n_rows: int, spec: ViTSpec, checkpoint_num_frames: Optional[int]) -> tuple[int, int, int]:
+  """Infers the (T, H, W) grid of a checkpoint's joint table with n_rows patch rows."""
+  _, g1, g2 = spec.grid
+  if checkpoint_num_frames is not None:
+    t0 = checkpoint_num_frames // spec.tubelet_size
+  elif n_rows % (g1 * g2) == 0:
+    t0 = n_rows // (g1 * g2)  # same resolution, other frame count
+  else:
+    t0 = spec.grid[0]  # same frame count, other resolution
+  side = math.isqrt(n_rows // t0) if n_rows % t0 == 0 else 0
+  if side * side * t0 != n_rows:
+    raise CheckpointError(
+        f"pos_embed has {n_rows} patch rows, which is not T x S x S for T={t0}; pass "
+        "checkpoint_num_frames= (frames the checkpoint was trained with)")
+  return t0, side, side
+
+
+def _resize_table(key: str, value: np.ndarray, want: tuple[int, ...], spec: ViTSpec,
+                  checkpoint_num_frames: Optional[int]) -> np.ndarray:
+  t, g1, g2 = spec.grid
+  if key == "pos_embed":
+    src = _source_grid(value.shape[1] - 1, spec, checkpoint_num_frames)
+    out = resize_pos_embed(value, src, (t, g1, g2))
+  elif key == "img_pos_embed":
+    side = math.isqrt(value.shape[1] - 1)
+    out = resize_pos_embed(value, (1, side, side), (1, g1, g2))
+  elif key == "pos_embed_spatial":
+    side = math.isqrt(value.shape[1])
+    grid = value.reshape(side, side, -1)
+    out = resize_bicubic(grid, (g1, g2), axes=(0, 1)).reshape(1, g1 * g2, -1).astype(np.float32)
+  elif key == "pos_embed_temporal":
+    out = resize_linear(value[0], t, axis=0)[None].astype(np.float32)
+  else:
+    raise AssertionError(key)
+  log.info("resized %s %s -> %s", key, value.shape, out.shape)
+  if out.shape != want:
+    raise CheckpointError(f"{key}: could not resize {value.shape} to {want}")
+  return out
+
+
+_RESIZABLE = ("pos_embed", "img_pos_embed", "pos_embed_spatial", "pos_embed_temporal")
+
+
+def vision_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
+                           checkpoint_num_frames: Optional[int] = None,
+                           strict: bool = True) -> dict:
+  """Official vision-encoder state dict -> `{'params': ...}` for `VisionEncoder(config)`.
+
+  Accepts the encoder's own keys, or a whole stage-2/CLIP model (only `vision_encoder.*` is
+  read). Position tables of another frame count or resolution are interpolated
+  (`checkpoint_num_frames` disambiguates when needed). Missing keys, unknown keys (if
+  `strict`) and mis-shaped tensors are collected and raised together as one CheckpointError.
+  Keys of other heads (decoders, classifier) are skipped.
+  """
+  spec = ViTSpec.from_config(config)
+  sd = strip_prefix(strip_prefix(state_dict, "module."), "vision_encoder.")
+  top, block = _rules(spec)
+  params: dict = {}
+  used, missing, misshaped = set(), [], []
+
+  def take(key, path, shape, to_ours):
+    if key not in sd:
+      missing.append(key)
+      return None
+    used.add(key)
+    value = np.asarray(sd[key], np.float32)
+    if value.shape != shape:
+      if key in _RESIZABLE and value.ndim == len(shape) and value.shape[-1] == shape[-1]:
+        try:
+          value = _resize_table(key, value, shape, spec, checkpoint_num_frames)
+        except CheckpointError as e:
+          misshaped.append(f"{key}: {e}")
+          return None
+      else:
+        misshaped.append(f"{key}: checkpoint {value.shape}, model expects {shape}")
+        return None
+    return to_ours(value)
+
+  for key, path, shape, to_ours, _ in top:
+    value = take(key, path, shape, to_ours)
+    if value is not None:
+      _set(params, path, value)
+  for key, path, shape, to_ours, _ in block:
+    layers = [take(f"blocks.{i}.{key}", path, shape, to_ours) for i in range(spec.depth)]
+    if all(v is not None for v in layers):
+      _set(params, ("blocks",) + path, np.stack(layers))
+
+  unexpected = []
+  for k in sorted(set(sd) - used):
+    if k.startswith(_OTHER_HEADS) or (not spec.attn_pool and k.startswith("clip_projector.")):
+      continue
+    unexpected.append(k)
+  skipped_blocks = [k for k in unexpected if k.startswith("blocks.")
+                    and int(k.split(".")[1]) >= spec.depth]
+  problems = []
+  if missing:
+    problems.append(f"missing ({len(missing)}): {_abbrev(missing)}")
+  if misshaped:
+    problems.append(f"wrong shape ({len(misshaped)}): {_abbrev(misshaped)}")
+  if unexpected and strict:
+    hint = (f" (the checkpoint has more blocks than depth={spec.depth})" if skipped_blocks else "")
+    problems.append(f"unexpected ({len(unexpected)}){hint}: {_abbrev(unexpected)}")
+  if problems:
+    raise CheckpointError("vision encoder checkpoint does not match the config:\n  "
+                          + "\n  ".join(problems))
+  return {"params": params}
+
+
+def vision_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
+  """`{'params': ...}` (or the inner dict) -> official key layout, float32 numpy."""
+  spec = ViTSpec.from_config(config)
+  tree = params.get("params", params)
+  top, block = _rules(spec)
+  out = {}
+  for key, path, shape, _, to_official in top:
+    out[key] = _checked(key, to_official(np.asarray(_get(tree, path), np.float32)), shape)
+  for key, path, shape, _, to_official in block:
+    stacked = np.asarray(_get(tree, ("blocks",) + path), np.float32)
+    for i in range(spec.depth):
+      out[f"blocks.{i}.{key}"] = _checked(key, to_official(stacked[i]), shape)
+  return out
+
+
+def resize_vision_params(params: Mapping, old_config: Any, new_config: Any) -> dict:
+  """Re-targets encoder params to another `num_frames` / `img_size` (official interpolation)."""
+  old = ViTSpec.from_config(old_config)
+  sd = vision_to_state_dict(params, old_config)
+  return vision_from_state_dict(sd, new_config, checkpoint_num_frames=old.num_frames)
+
+
+def _checked(key, value, shape):
+  if value.shape != shape:
+    raise CheckpointError(f"{key}: params give {value.shape}, official layout is {shape}")
+  return value
+
+
+def _abbrev(items: list[str], limit: int = 12) -> str:
+  shown = ", ".join(items[:limit])
+  return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")

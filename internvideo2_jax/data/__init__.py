@@ -1,0 +1,1 @@
+"""Input pipeline: sources, PyAV decoding and frame sampling, transforms, synthetic data."""

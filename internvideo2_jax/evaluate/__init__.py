@@ -1,0 +1,1 @@
+"""Evaluation and serving jobs: feature extraction, zero-shot retrieval and classification."""

@@ -1,0 +1,45 @@
+"""Command-line entry point: `iv2 --config=configs/FILE.py[:args] --workdir=DIR [--config.x=y]`.
+
+The config's `job` picks what runs. Without --config the embedded default (feature extraction
+with the tiny model on generated clips) runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DEFAULT_CONFIG = os.path.join(_REPO, "configs", "features.py")
+
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Path to an ml-collections config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "runs/default", "Where outputs, logs and checkpoints go.")
+
+# job name -> module with `run(config, workdir)`; imported lazily so a job pulls in only its deps.
+JOBS = {
+    "features": "internvideo2_jax.evaluate.features",
+}
+
+
+def main(argv) -> None:
+  del argv
+  config = flags.FLAGS.config
+  job = config.get("job")
+  if job not in JOBS:
+    raise app.UsageError(f"config.job={job!r} is not a known job; known: {sorted(JOBS)}")
+  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("jax").setLevel(logging.WARNING)  # backend-probing chatter
+  importlib.import_module(JOBS[job]).run(config, flags.FLAGS.workdir)
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

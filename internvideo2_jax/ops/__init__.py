@@ -1,0 +1,1 @@
+"""Plain-JAX operations (no Flax): attention entry point and kernels, loss math."""

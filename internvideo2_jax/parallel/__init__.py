@@ -1,0 +1,1 @@
+"""Meshes, logical-axis rules and sharded initialisation. The only place that knows mesh axes."""

@@ -1,0 +1,59 @@
+"""Device mesh from config: axes (data, fsdp, tensor), one size may be -1 (filled in)."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from internvideo2_jax.parallel.rules import BATCH_AXES, MESH_AXES
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves {'data': -1, 'fsdp': 2, 'tensor': 1} against a device count."""
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"unknown mesh axes {unknown}; axes are {MESH_AXES}")
+  shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  wild = [i for i, s in enumerate(shape) if s == -1]
+  if len(wild) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+  if any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, shape))}")
+  fixed = math.prod(s for s in shape if s != -1)
+  if wild:
+    if num_devices % fixed:
+      raise ValueError(f"{num_devices} devices cannot be split into a mesh with fixed sizes "
+                       f"{dict(zip(MESH_AXES, shape))}")
+    shape[wild[0]] = num_devices // fixed
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                     f"have {num_devices}")
+  return tuple(shape)
+
+
+def make_mesh(sizes: Optional[Mapping[str, int]] = None,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A mesh with Auto axis types (GSPMD propagation + logical rules), default all-data."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(dict(sizes or {"data": -1}), len(devices))
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading axis over every batch axis of the mesh, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch_size_ok(mesh: Mesh, batch: int) -> None:
+  n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if batch % n:
+    raise ValueError(f"global batch {batch} is not divisible by the {n} batch shards "
+                     f"({', '.join(f'{a}={mesh.shape[a]}' for a in BATCH_AXES)})")
