@@ -113,20 +113,31 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 
 
 def _source_grid(n_rows: int, spec: ViTSpec, checkpoint_num_frames: Optional[int]) -> tuple[int, int, int]:
-  """Infers the (T, H, W) grid of a checkpoint's joint table with n_rows patch rows."""
-  _, g1, g2 = spec.grid
+  """Infers the (T, H, W) grid of a checkpoint's joint table with n_rows patch rows.
+
+  Without `checkpoint_num_frames`, the two readings "same resolution, other frame count" and
+  "same frame count, other resolution" are tried; exactly one must fit.
+  """
+  t, g1, g2 = spec.grid
+
+  def square(t0):
+    side = math.isqrt(n_rows // t0) if t0 > 0 and n_rows % t0 == 0 else 0
+    return (t0, side, side) if side and side * side * t0 == n_rows else None
+
   if checkpoint_num_frames is not None:
-    t0 = checkpoint_num_frames // spec.tubelet_size
-  elif n_rows % (g1 * g2) == 0:
-    t0 = n_rows // (g1 * g2)  # same resolution, other frame count
-  else:
-    t0 = spec.grid[0]  # same frame count, other resolution
-  side = math.isqrt(n_rows // t0) if n_rows % t0 == 0 else 0
-  if side * side * t0 != n_rows:
+    grid = square(checkpoint_num_frames // spec.tubelet_size)
+    if grid is None:
+      raise CheckpointError(f"pos_embed has {n_rows} patch rows, not {checkpoint_num_frames} "
+                            f"frames (tubelet {spec.tubelet_size}) of a square grid")
+    return grid
+  readings = {g for g in ((n_rows // (g1 * g2), g1, g2) if n_rows % (g1 * g2) == 0 else None,
+                          square(t)) if g is not None}
+  if len(readings) != 1:
     raise CheckpointError(
-        f"pos_embed has {n_rows} patch rows, which is not T x S x S for T={t0}; pass "
-        "checkpoint_num_frames= (frames the checkpoint was trained with)")
-  return t0, side, side
+        f"pos_embed has {n_rows} patch rows; cannot tell the checkpoint's frame count and "
+        f"resolution apart ({sorted(readings) or 'no reading fits'}): pass "
+        "checkpoint_num_frames= (the frames it was trained with)")
+  return readings.pop()
 
 
 def _resize_table(key: str, value: np.ndarray, want: tuple[int, ...], spec: ViTSpec,

@@ -84,7 +84,7 @@ def layout_report(abstract_boxed, mesh_shape: Mapping[str, int], rules=DEFAULT_R
     total += nbytes
     per_device += math.prod(shard) * itemsize
     name = jax.tree_util.keystr(path, simple=True, separator="/")
-    if all(a is None for a in spec):
+    if math.prod(shard) == math.prod(leaf.shape):  # e.g. only over axes of size 1
       replicated += nbytes
       big_replicated.append((nbytes, name))
     for i, n in enumerate(leaf.shape):
