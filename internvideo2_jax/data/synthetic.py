@@ -1,10 +1,22 @@
-"""Synthetic clips: a coloured shape moving over a noisy background, written as real mp4 files.
+"""Synthetic corpus: coloured shapes moving on varied backgrounds, with a tone, as real mp4s.
 
-Deterministic for a seed. The data issue builds the full captioned corpus on top of these.
+Each clip shows one shape (circle, square, triangle, cross) of one colour moving left, right,
+up or down, with one of several sounds (a low hum, a high beep, a rising or a falling chirp,
+silence). Captions describe what is seen (`caption`, video-text training) and, in
+`avs_captions`, also what is heard, so telling some captions apart needs temporal modelling
+(direction) and some need the audio (sound). A few clips have no audio track at all.
+
+    python -m internvideo2_jax.data.synthetic --out DIR [--train 400 --val 100 --images 100]
+
+writes DIR/videos/*.mp4 (h264 + AAC), DIR/images/*.png, and official-format annotations
+DIR/{train,val}.json, DIR/train_images.json and the stage-1 CSV DIR/train_stage1.csv.
+Deterministic for a seed.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from fractions import Fraction
 from typing import Optional
@@ -16,6 +28,11 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230),
            "yellow": (230, 220, 40), "white": (235, 235, 235), "purple": (160, 60, 200)}
 SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+# sound -> (caption phrase, start Hz, end Hz); the pitch follows the stated rule
+SOUNDS = {"hum": ("a low hum", 220.0, 220.0), "beep": ("a high beep", 1760.0, 1760.0),
+          "rising": ("a rising tone", 300.0, 1500.0), "falling": ("a falling tone", 1500.0, 300.0),
+          "silent": ("no sound", 0.0, 0.0)}
+SAMPLE_RATE = 16000
 
 
 def _shape_mask(shape: str, size: int, cy: float, cx: float, r: float) -> np.ndarray:
@@ -37,45 +54,60 @@ def render_clip(rng: np.random.Generator, num_frames: int, size: int, *, shape: 
                 direction: str) -> np.ndarray:
   """uint8 (T, size, size, 3): the shape crosses the frame in `direction`."""
   r = size * rng.uniform(0.12, 0.2)
-  speed = size * rng.uniform(0.6, 0.8) / max(num_frames - 1, 1)
+  speed = size * rng.uniform(0.5, 0.7) / max(num_frames - 1, 1)
   dy, dx = DIRECTIONS[direction]
-  # Start so the whole path stays inside the frame.
-  span = speed * (num_frames - 1)
   lo, hi = r, size - r
-  cy = rng.uniform(lo, hi) if dy == 0 else (lo if dy > 0 else hi) + rng.uniform(0, max(hi - lo - span, 0)) * dy
-  cx = rng.uniform(lo, hi) if dx == 0 else (lo if dx > 0 else hi) + rng.uniform(0, max(hi - lo - span, 0)) * dx
-  bg = rng.uniform(10, 70, size=3)
-  jitter = rng.uniform(-15, 15, size=3)
-  rgb = np.clip(np.asarray(COLOURS[colour]) + jitter, 0, 255)
+  slack = max(hi - lo - speed * (num_frames - 1), 0.0)
+  cy = rng.uniform(lo, hi) if dy == 0 else (lo + rng.uniform(0, slack) if dy > 0 else hi - rng.uniform(0, slack))
+  cx = rng.uniform(lo, hi) if dx == 0 else (lo + rng.uniform(0, slack) if dx > 0 else hi - rng.uniform(0, slack))
+  bg = rng.uniform(10, 90, size=3)
+  rgb = np.clip(np.asarray(COLOURS[colour]) + rng.uniform(-15, 15, size=3), 0, 255)
   frames = np.empty((num_frames, size, size, 3), np.uint8)
   for t in range(num_frames):
-    img = bg + rng.normal(0, 20, size=(size, size, 3))
+    img = bg + rng.normal(0, 12, size=(size, size, 3))
     img[_shape_mask(shape, size, cy + dy * speed * t, cx + dx * speed * t, r)] = rgb
     frames[t] = np.clip(img, 0, 255).astype(np.uint8)
   return frames
 
 
+def render_tone(rng: np.random.Generator, sound: str, seconds: float) -> np.ndarray:
+  """float32 mono waveform at 16 kHz; pitch constant, rising or falling (log scale)."""
+  n = int(seconds * SAMPLE_RATE)
+  _, f0, f1 = SOUNDS[sound]
+  noise = rng.normal(0, 0.01, n)
+  if f0 == 0:
+    return noise.astype(np.float32)
+  freq = f0 * (f1 / f0) ** np.linspace(0, 1, n)
+  phase = 2 * np.pi * np.cumsum(freq) / SAMPLE_RATE
+  return (0.4 * np.sin(phase) + noise).astype(np.float32)
+
+
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *,
-              audio: Optional[np.ndarray] = None, sample_rate: int = 16000,
-              keyframe_interval: int = 8) -> None:
-  """Writes uint8 (T, H, W, 3) frames as h264 (yuv420p) mp4, with optional mono AAC audio."""
-  path = os.fspath(path)
+              audio: Optional[np.ndarray] = None, sample_rate: int = SAMPLE_RATE,
+              keyframe_interval: int = 8, bframes: bool = False) -> None:
+  """Writes uint8 (T, H, W, 3) frames as h264 (yuv420p) mp4, with optional mono AAC audio.
+
+  `path` may be a file-like object (e.g. io.BytesIO) as well as a path.
+  """
+  target = path if hasattr(path, "write") else os.fspath(path)
   t, h, w, _ = frames.shape
   if h % 2 or w % 2:
     raise ValueError(f"h264/yuv420p needs even frame sizes, got {h}x{w}")
-  with av.open(path, mode="w") as container:
+  with av.open(target, mode="w", format="mp4") as container:
     vs = container.add_stream("libx264", rate=fps)
     vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
     vs.codec_context.gop_size = keyframe_interval
-    vs.options = {"crf": "18", "preset": "veryfast", "tune": "zerolatency"}
+    opts = {"crf": "20", "preset": "veryfast"}
+    if not bframes:
+      opts["tune"] = "zerolatency"
+    vs.options = opts
     a_stream = None
     if audio is not None:
       a_stream = container.add_stream("aac", rate=sample_rate)
       a_stream.layout = "mono"
     for i in range(t):
-      frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
-      frame.pts = i
-      frame.time_base = Fraction(1, fps)
+      frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+      frame.pts, frame.time_base = i, Fraction(1, fps)
       for packet in vs.encode(frame):
         container.mux(packet)
     for packet in vs.encode():
@@ -88,3 +120,87 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *,
         container.mux(packet)
       for packet in a_stream.encode():
         container.mux(packet)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  with av.open(path, mode="w", format="image2") as container:
+    s = container.add_stream("png", rate=1)
+    s.width, s.height, s.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+    for packet in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+      container.mux(packet)
+    for packet in s.encode():
+      container.mux(packet)
+
+
+def captions_for(shape: str, colour: str, direction: str, sound: str) -> dict:
+  phrase = SOUNDS[sound][0]
+  verb = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down"}[direction]
+  seen = [f"a {colour} {shape} {verb}", f"the {colour} {shape} {verb} across the frame"]
+  heard = [f"a {colour} {shape} {verb} with {phrase}", f"{phrase} while a {colour} {shape} {verb}"]
+  return {"caption": seen[0], "captions": seen, "avs_captions": heard}
+
+
+def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0, seed: int = 0,
+                 num_frames: int = 16, size: int = 64, fps: int = 8, no_audio_every: int = 10) -> dict:
+  """Writes the corpus; returns {split: annotation path}."""
+  os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+  rng = np.random.default_rng(seed)
+  colours, dirs, sounds = list(COLOURS), list(DIRECTIONS), list(SOUNDS)
+  paths = {}
+  csv_rows = []
+  for split, n in (("train", train), ("val", val)):
+    rows = []
+    for i in range(n):
+      shape, colour = SHAPES[rng.integers(len(SHAPES))], colours[rng.integers(len(colours))]
+      direction, sound = dirs[rng.integers(len(dirs))], sounds[rng.integers(len(sounds))]
+      rel = f"videos/{split}_{i:05d}.mp4"
+      frames = render_clip(rng, num_frames, size, shape=shape, colour=colour, direction=direction)
+      has_track = no_audio_every <= 0 or i % no_audio_every != no_audio_every - 1
+      wave = render_tone(rng, sound, num_frames / fps) if has_track else None
+      write_mp4(os.path.join(out, rel), frames, fps, audio=wave)
+      row = {"video": rel, **captions_for(shape, colour, direction, sound),
+             "shape": shape, "colour": colour, "direction": direction,
+             "sound": sound if has_track else "none", "label": dirs.index(direction)}
+      rows.append(row)
+      if split == "train":
+        csv_rows.append(f"synthetic {rel} {num_frames / fps:.3f} 0.0 {num_frames / fps:.3f} {row['label']}")
+    paths[split] = os.path.join(out, f"{split}.json")
+    with open(paths[split], "w") as f:
+      json.dump(rows, f, indent=0)
+  if images:
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    rows = []
+    for i in range(images):
+      shape, colour = SHAPES[rng.integers(len(SHAPES))], colours[rng.integers(len(colours))]
+      rel = f"images/{i:05d}.png"
+      img = render_clip(rng, 1, size, shape=shape, colour=colour, direction="left")[0]
+      write_png(os.path.join(out, rel), img)
+      rows.append({"image": rel, "caption": f"a {colour} {shape}", "shape": shape, "colour": colour})
+    paths["train_images"] = os.path.join(out, "train_images.json")
+    with open(paths["train_images"], "w") as f:
+      json.dump(rows, f, indent=0)
+  paths["train_stage1"] = os.path.join(out, "train_stage1.csv")
+  with open(paths["train_stage1"], "w") as f:
+    f.write("\n".join(csv_rows) + "\n")
+  return paths
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--train", type=int, default=400)
+  p.add_argument("--val", type=int, default=100)
+  p.add_argument("--images", type=int, default=0)
+  p.add_argument("--frames", type=int, default=16)
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--fps", type=int, default=8)
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args(argv)
+  paths = write_corpus(a.out, train=a.train, val=a.val, images=a.images, seed=a.seed,
+                       num_frames=a.frames, size=a.size, fps=a.fps)
+  for name, path in paths.items():
+    print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,22 +1,36 @@
 """Video decoding with PyAV and the official frame-sampling rules.
 
-`frame_indices` reproduces `get_frame_indices` of the official data code: [0, vlen) is cut into
-n equal intervals (`np.linspace(0, vlen, n + 1).astype(int)`); `middle` takes each interval's
-centre, `rand` a random frame of it (never its last frame, as the official `range(x0, x1 - 1)`),
-`fpsX` samples at X frames per second; short videos repeat the last index.
+`frame_indices` reproduces the official `get_frame_indices`: [0, vlen) is cut into n equal
+intervals (`np.linspace(0, vlen, n + 1).astype(int)`); `middle` takes each interval's centre,
+`rand` a random frame of it (never its last frame, as the official `range(x0, x1 - 1)`), `fpsX`
+samples at X frames per second; short videos repeat the last index. `segment_indices` is the
+TSN-style sampling of stage 1 (one random offset in each of n segments).
+
+`read_frames` seeks: it jumps to the keyframe before a wanted frame whenever that frame is more
+than `seek_gap` frames ahead, and decodes only up to the last wanted frame, so 8 frames of a
+300-frame clip cost a few GOPs, not the whole file.
 """
 
 from __future__ import annotations
 
+import io
 import os
+from fractions import Fraction
 from typing import Optional, Sequence
 
 import av
 import numpy as np
 
+Source = str | os.PathLike | bytes
+
 
 class VideoReadError(RuntimeError):
-  """A video could not be decoded; the message names the file and the reason."""
+  """A video could not be decoded; the message names the file, `reason` is a short code
+  (missing_file, empty_file, corrupt_video, no_video_stream) used in skip counts."""
+
+  def __init__(self, message: str, reason: str = "corrupt_video"):
+    super().__init__(message)
+    self.reason = reason
 
 
 def frame_indices(num_frames: int, vlen: int, sample: str = "middle", *,
@@ -26,80 +40,187 @@ def frame_indices(num_frames: int, vlen: int, sample: str = "middle", *,
   if sample in ("rand", "middle"):
     n = min(num_frames, vlen)
     edges = np.linspace(0, vlen, n + 1).astype(int)
-    ranges = [(edges[i], edges[i + 1] - 1) for i in range(n)]
+    ranges = [(int(edges[i]), int(edges[i + 1]) - 1) for i in range(n)]
     if sample == "rand":
-      rng = rng or np.random.default_rng()
-      try:
-        idx = [int(rng.choice(np.arange(x0, x1))) for x0, x1 in ranges]
-      except ValueError:  # an empty interval: official fallback, a sorted random subset
-        idx = sorted(rng.permutation(vlen)[:n].tolist())
+      rng = rng if rng is not None else np.random.default_rng()
+      if any(x1 <= x0 for x0, x1 in ranges):  # an interval too short: official fallback
+        idx = sorted(int(i) for i in rng.permutation(vlen)[:n])
+      else:
+        idx = [int(rng.integers(x0, x1)) for x0, x1 in ranges]
     else:
-      idx = [int((x0 + x1) // 2) for x0, x1 in ranges]
+      idx = [(x0 + x1) // 2 for x0, x1 in ranges]
   elif sample.startswith("fps"):
-    out_fps = float(sample[3:])
-    duration = vlen / input_fps
-    delta = 1 / out_fps
-    times = np.arange(0, duration, delta) + delta / 2
-    idx = [int(i) for i in np.around(times * input_fps) if i < vlen][:num_frames]
-    if not idx:
-      idx = [vlen // 2]
+    try:
+      out_fps = float(sample[3:])
+    except ValueError:
+      raise ValueError(f"bad frame sampling {sample!r}: fps sampling is written like 'fps0.5'") from None
+    delta = 1.0 / out_fps
+    times = np.arange(0, vlen / input_fps, delta) + delta / 2
+    idx = [int(i) for i in np.around(times * input_fps) if i < vlen][:num_frames] or [vlen // 2]
   else:
     raise ValueError(f"unknown frame sampling {sample!r} (use 'rand', 'middle' or 'fpsX')")
-  idx = list(idx) + [idx[-1]] * (num_frames - len(idx))  # repeat the last for short videos
-  return idx
+  return idx + [idx[-1]] * (num_frames - len(idx))  # repeat the last for short videos
 
 
-def _open_video_stream(path: str):
-  try:
-    container = av.open(path)
-  except (av.error.FFmpegError, OSError, ValueError) as e:
-    raise VideoReadError(f"{path}: cannot open: {e}") from e
-  streams = container.streams.video
-  if not streams:
-    container.close()
-    raise VideoReadError(f"{path}: no video stream")
-  stream = streams[0]
-  if stream.codec_context is None:  # PyAV < 18 would segfault decoding this (reference §11.8)
-    container.close()
-    raise VideoReadError(f"{path}: video stream has no codec context")
-  return container, stream
+def segment_indices(num_segments: int, vlen: int, *, rng: Optional[np.random.Generator] = None,
+                    test: bool = False) -> list[int]:
+  """TSN sparse sampling: one random frame per equal segment (segment centre when `test`)."""
+  if vlen <= 0:
+    raise ValueError(f"video has no frames (vlen={vlen})")
+  seg = vlen / num_segments
+  if test:
+    return [min(int(seg * i + seg / 2), vlen - 1) for i in range(num_segments)]
+  rng = rng if rng is not None else np.random.default_rng()
+  return [min(int(seg * i + rng.uniform(0, seg)), vlen - 1) for i in range(num_segments)]
 
 
-def num_frames_of(path: str) -> int:
-  """Frame count from the container header, or by decoding when the header has none."""
-  container, stream = _open_video_stream(path)
-  with container:
-    if stream.frames:
-      return int(stream.frames)
-    return sum(1 for _ in container.decode(stream))
+def _name(src: Source) -> str:
+  return f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray)) else os.fspath(src)
 
 
-def read_frames(path: str | os.PathLike, indices: Sequence[int], *,
-                size: Optional[tuple[int, int]] = None) -> np.ndarray:
-  """Decodes the frames at `indices` (any order, repeats allowed) -> uint8 (T, H, W, 3).
+class VideoFile:
+  """An open video stream with frame-index <-> timestamp bookkeeping. Use as a context manager."""
 
-  Decoding stops after the last needed frame. `size=(height, width)` resizes with swscale
-  bicubic during colour conversion (a squash, no crop).
-  """
-  path = os.fspath(path)
-  wanted = sorted(set(int(i) for i in indices))
-  if not wanted or wanted[0] < 0:
-    raise ValueError(f"{path}: bad frame indices {list(indices)}")
-  container, stream = _open_video_stream(path)
-  got: dict[int, np.ndarray] = {}
-  kwargs = {"format": "rgb24"}
-  if size is not None:
-    kwargs.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
-  try:
-    with container:
-      for i, frame in enumerate(container.decode(stream)):
-        if i in wanted:
-          got[i] = frame.to_ndarray(**kwargs)
-        if i >= wanted[-1]:
+  def __init__(self, src: Source, name: Optional[str] = None):
+    self.name = name or _name(src)
+    if not isinstance(src, (bytes, bytearray)):
+      path = os.fspath(src)
+      if not os.path.exists(path):
+        raise VideoReadError(f"{path}: file not found", "missing_file")
+      if os.path.getsize(path) == 0:
+        raise VideoReadError(f"{path}: empty file", "empty_file")
+    try:
+      self.container = av.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src))
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+      raise VideoReadError(f"{self.name}: cannot open: {e}") from e
+    if not self.container.streams.video:
+      self.container.close()
+      raise VideoReadError(f"{self.name}: no video stream", "no_video_stream")
+    self.stream = self.container.streams.video[0]
+    if self.stream.codec_context is None:  # PyAV < 18 would segfault decoding this (§11.8)
+      self.container.close()
+      raise VideoReadError(f"{self.name}: video stream has no codec context", "no_video_stream")
+    rate = self.stream.average_rate or self.stream.guessed_rate or self.stream.base_rate
+    self.fps = float(rate) if rate else 0.0
+    self.time_base = self.stream.time_base or Fraction(1, 1)
+    self.start_pts = self.stream.start_time if self.stream.start_time is not None else 0
+    self._count = None
+    self._gop = 0  # keyframe spacing seen while decoding (0 = unknown)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.container.close()
+
+  def num_frames(self) -> int:
+    """Frames in the stream: the header's count, else duration x fps, else a full decode."""
+    if self._count is None:
+      if self.stream.frames:
+        self._count = int(self.stream.frames)
+      elif self.stream.duration and self.fps:
+        self._count = max(1, int(round(float(self.stream.duration * self.time_base) * self.fps)))
+      else:
+        self._count = sum(1 for _ in self._decode())
+        self.container.seek(0, stream=self.stream)
+    return self._count
+
+  def _decode(self):
+    try:
+      yield from self.container.decode(self.stream)
+    except av.error.FFmpegError as e:
+      raise VideoReadError(f"{self.name}: decode error: {e}") from e
+
+  def _index(self, frame) -> int:
+    if frame.pts is None:
+      raise _NoTimestamps
+    return int(round(float((frame.pts - self.start_pts) * self.time_base) * self.fps))
+
+  def read(self, indices: Sequence[int], *, size: Optional[tuple[int, int]] = None,
+           seek_gap: int = 16) -> np.ndarray:
+    """uint8 (len(indices), H, W, 3) for the frames at `indices` (any order, repeats allowed).
+
+    `size=(height, width)` squash-resizes with swscale bicubic during colour conversion.
+    Indices past the real end of the stream (a header that over-counts) repeat the last frame.
+    """
+    wanted = sorted(set(int(i) for i in indices))
+    if not wanted or wanted[0] < 0:
+      raise ValueError(f"{self.name}: bad frame indices {list(indices)}")
+    kwargs = {"format": "rgb24"}
+    if size is not None:
+      kwargs.update(height=int(size[0]), width=int(size[1]), interpolation="BICUBIC")
+    got: dict[int, np.ndarray] = {}
+    last = None
+    if self.fps > 0:
+      try:
+        last = self._read_seeking(wanted, got, kwargs, seek_gap)
+      except _NoTimestamps:
+        got.clear()
+        self.container.seek(0, stream=self.stream)
+        last = None
+    if last is None:
+      last = self._read_sequential(wanted, got, kwargs)
+    if last is None:
+      raise VideoReadError(f"{self.name}: no frame could be decoded")
+    tail = last.to_ndarray(**kwargs)  # indices past the real end repeat the last frame
+    return np.stack([got.get(int(i), tail) for i in indices])
+
+  def _read_sequential(self, wanted, got, kwargs):
+    """One pass from the start, counting frames; stops after the last wanted frame."""
+    last, want = None, set(wanted)
+    for idx, frame in enumerate(self._decode()):
+      last = frame
+      if idx in want:
+        got[idx] = frame.to_ndarray(**kwargs)
+      if idx >= wanted[-1]:
+        break
+    return last
+
+  def _read_seeking(self, wanted, got, kwargs, seek_gap):
+    """Seeks to the keyframe before each wanted frame that lies more than seek_gap ahead."""
+    want, decoder, pos, last, key = set(wanted), None, 0, None, None
+    for target in wanted:
+      if target in got:
+        continue
+      # Seeking costs decoding from the keyframe before the target, about one GOP; once the
+      # keyframe spacing is known, seek whenever the target is further away than that.
+      gap = min(seek_gap, self._gop) if self._gop else seek_gap
+      if decoder is None or target - pos > gap:
+        if target > gap:
+          ts = self.start_pts + int(target / self.fps / self.time_base)
+          self.container.seek(ts, stream=self.stream, backward=True, any_frame=False)
+          key = None  # keyframes before and after a jump are not one GOP apart
+        decoder = self._decode()
+      idx = -1
+      for frame in decoder:
+        idx = self._index(frame)
+        pos, last = idx + 1, frame
+        if frame.key_frame:
+          if key is not None and idx > key:
+            self._gop = idx - key
+          key = idx
+        if idx in want and idx not in got:
+          got[idx] = frame.to_ndarray(**kwargs)
+        if idx >= target:
           break
-  except av.error.FFmpegError as e:
-    raise VideoReadError(f"{path}: decode error after {len(got)} frames: {e}") from e
-  missing = [i for i in wanted if i not in got]
-  if missing:
-    raise VideoReadError(f"{path}: video ended before frame(s) {missing[:5]} (decoded {len(got)})")
-  return np.stack([got[int(i)] for i in indices])
+      else:
+        return last  # end of stream: the rest are past the end
+      if target not in got:
+        raise _NoTimestamps  # overshot (timestamps disagree with frame order): go sequential
+    return last
+
+
+class _NoTimestamps(Exception):
+  """Timestamps cannot be trusted for seeking; decode sequentially instead."""
+
+
+def read_frames(src: Source, indices: Sequence[int], *, size: Optional[tuple[int, int]] = None,
+                seek_gap: int = 16) -> np.ndarray:
+  """Decodes the frames at `indices` of a file path or encoded bytes -> uint8 (T, H, W, 3)."""
+  with VideoFile(src) as v:
+    return v.read(indices, size=size, seek_gap=seek_gap)
+
+
+def num_frames_of(src: Source) -> int:
+  with VideoFile(src) as v:
+    return v.num_frames()

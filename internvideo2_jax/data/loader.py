@@ -1,0 +1,151 @@
+"""Record -> example: decode, sample, transform, tokenize, audio features, host masks.
+
+Every example of a stage has the same keys and shapes (see `pipeline.BATCH_SPEC`). A record
+that cannot become an example raises `SkipExample(reason, message)`; the pipeline replaces it
+and counts the reason. Missing or broken audio does not skip the example: its features are
+zeros and `has_audio` is False, so the audio losses can leave it out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from internvideo2_jax.data import audio as audio_lib, masks, text as text_lib, transforms
+from internvideo2_jax.data.video import VideoFile, VideoReadError, frame_indices, segment_indices
+
+# Skip reasons, in the order of the `skipped` counts vector of every batch.
+REASONS = ("missing_file", "empty_file", "corrupt_video", "no_video_stream", "short_clip",
+           "bad_caption", "bad_record", "error")
+
+
+class SkipExample(Exception):
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason if reason in REASONS else "error"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSpec:
+  """What one stage's examples contain (built from the data config by the pipeline)."""
+  num_frames: int = 4
+  sample: str = "rand"            # rand | middle | fpsX | segments (TSN, stage 1)
+  size: int = 224
+  crop: str = "rrc"               # rrc | multiscale | squash
+  rrc_scale: tuple[float, float] = (0.5, 1.0)
+  flip: bool = True
+  no_flip_sources: tuple[str, ...] = ("ssv2", "sthv2", "something-something")
+  image_frames: int = 1           # frames of an image example (T = 1 as official)
+  text: bool = True
+  caption_field: str = "captions"  # or another *caption* key of the rows, e.g. avs_captions
+  max_txt_l: int = 32
+  max_caption_chars: int = 2000   # longer strings are rejected before tokenization
+  tokenizer: str = ""             # local directory; "" = the bundled bert-base-uncased vocab
+  audio: bool = False
+  audio_seconds: float = 10.0
+  mask: str = "none"              # none | random | tube
+  mask_ratio: float = 0.8
+  image_mask_ratio: float = 0.5
+  patch_size: int = 14
+  tubelet_size: int = 1
+  min_frames: int = 1             # videos with fewer decodable frames are skipped
+  seek_gap: int = 16
+  train: bool = True
+
+  def grid(self, frames: int) -> tuple[int, int, int]:
+    g = self.size // self.patch_size
+    return frames // self.tubelet_size, g, g
+
+
+def _open(rec) -> VideoFile:
+  src = rec["data"] or rec["path"]
+  return VideoFile(src, name=rec["path"] or rec["key"])
+
+
+def _frames(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> np.ndarray:
+  squash = spec.crop == "squash" or not spec.train
+  size = (spec.size, spec.size) if squash else None
+  with _open(rec) as v:
+    if rec["media"] == "image":
+      clip = v.read([0], size=size)
+      clip = np.repeat(clip, spec.image_frames, axis=0)
+    else:
+      n = v.num_frames()
+      start, end = 0, n
+      if rec["start_frame"] >= 0 or rec["end_frame"] >= 0:
+        start = max(rec["start_frame"], 0)
+        end = min(rec["end_frame"], n) if rec["end_frame"] >= 0 else n
+      elif rec["start_time"] >= 0 and v.fps:
+        start = int(rec["start_time"] * v.fps)
+        end = min(int(rec["end_time"] * v.fps), n) if rec["end_time"] >= 0 else n
+      vlen = end - start
+      if vlen < spec.min_frames:
+        raise SkipExample("short_clip", f"{v.name}: clip has {vlen} frames "
+                                        f"(window {start}..{end}), need {spec.min_frames}")
+      if spec.sample == "segments":
+        idx = segment_indices(spec.num_frames, vlen, rng=rng, test=not spec.train)
+      else:
+        idx = frame_indices(spec.num_frames, vlen, spec.sample, rng=rng, input_fps=v.fps or 30.0)
+      clip = v.read([start + i for i in idx], size=size, seek_gap=spec.seek_gap)
+  if squash:
+    return clip
+  flip = spec.flip and rec["source"] not in spec.no_flip_sources
+  kind = "multiscale" if spec.crop == "multiscale" else "rrc"
+  return transforms.train_transform(clip, spec.size, rng, kind=kind, flip=flip, scale=spec.rrc_scale)
+
+
+def _caption(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> str:
+  caps = rec["captions"] if spec.caption_field in ("caption", "captions") else \
+      rec["caption_fields"].get(spec.caption_field, [])
+  if not caps:
+    raise SkipExample("bad_caption", f"{rec['key']}: no {spec.caption_field!r} caption")
+  caption = text_lib.choose_caption(caps, rng if spec.train else None)
+  if len(caption) > spec.max_caption_chars:
+    raise SkipExample("bad_caption", f"{rec['key']}: caption of {len(caption)} characters "
+                                     f"(max_caption_chars={spec.max_caption_chars})")
+  return text_lib.pre_text(caption)
+
+
+def _waveform(rec: dict) -> Optional[np.ndarray]:
+  """16 kHz mono waveform from packed PCM, a separate file, or the media's own track."""
+  if rec["audio_pcm"]:
+    return np.frombuffer(rec["audio_pcm"], np.int16).astype(np.float32) / 32768.0
+  src = rec["audio"] or rec["data"] or rec["path"]
+  return audio_lib.load_waveform(src, name=rec["audio"] or rec["path"] or rec["key"])
+
+
+def load_example(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> dict:
+  """The example of one record; raises SkipExample when the record is unusable."""
+  try:
+    video = _frames(rec, spec, rng)
+  except VideoReadError as e:
+    raise SkipExample(e.reason, str(e)) from e
+  is_image = rec["media"] == "image"
+  out = {"video": video, "label": np.int32(rec["label"])}
+  if spec.text:
+    caption = _caption(rec, spec, rng)
+    ids, mask = text_lib.tokenize(text_lib.load_tokenizer(spec.tokenizer), [caption], spec.max_txt_l)
+    out["text_ids"], out["text_mask"] = ids[0], mask[0]
+  if spec.audio:
+    wave = None
+    if not is_image:
+      try:
+        wave = _waveform(rec)
+      except audio_lib.AudioReadError:
+        wave = None  # silent videos are common; has_audio says so
+    if wave is not None:
+      wave = audio_lib.crop_or_pad(wave, spec.audio_seconds, rng=rng if spec.train else None)
+    out["audio"], has = audio_lib.fbank_features(wave)
+    out["has_audio"] = np.bool_(has)
+  if spec.mask != "none":
+    frames = spec.image_frames if is_image else spec.num_frames
+    ratio = spec.image_mask_ratio if is_image else spec.mask_ratio
+    out["mask"] = masks.make_mask(spec.mask, spec.grid(frames), ratio, rng)
+  return out
+
+
+
+
+__all__ = ["REASONS", "SkipExample", "LoadSpec", "load_example"]

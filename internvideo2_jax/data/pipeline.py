@@ -1,0 +1,178 @@
+"""Grain pipelines: one factory per stage, driven by the data config.
+
+    corpus records --shuffle(seed, per epoch)--> repeat --[process shard]--> RobustLoad
+        --> batch --> mixture over corpora (weights, per batch) --> worker processes + prefetch
+
+* Deterministic for a seed: the shuffle is global (before the per-process slice) and every
+  example draws its randomness from (seed, global index, attempt).
+* Bad records never stop a run: `RobustLoad` replaces an unusable example with another
+  (deterministically), counts the reason in the batch's `skipped` vector and logs each path once.
+* Corpora of different media (video / image) keep fixed batch shapes by mixing whole batches
+  (as the official MetaLoader alternates loaders): each batch comes from one corpus.
+* The iterator is a grain `DatasetIterator`; its state is saved with the model through Orbax
+  (see train/checkpoint.py) and a restored iterator yields exactly the next batch.
+
+BATCH_SPEC below is the one place that lists batch keys and shapes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Optional
+
+import grain
+import jax
+import numpy as np
+
+from internvideo2_jax.data import sources
+from internvideo2_jax.data.loader import REASONS, LoadSpec, SkipExample, load_example
+
+log = logging.getLogger(__name__)
+
+# key -> (shape, dtype, stages, meaning). B = batch, T = frames (1 for image corpora),
+# S = image size, L = max_txt_l, N = tokens (T/tubelet * (S/patch)^2).
+BATCH_SPEC = {
+    "video": ("(B, T, S, S, 3)", "uint8", "1 2 eval", "RGB frames, normalised on device"),
+    "label": ("(B,)", "int32", "1 2 eval", "class id or -1"),
+    "text_ids": ("(B, L)", "int32", "2 eval", "BERT token ids of the chosen caption"),
+    "text_mask": ("(B, L)", "int32", "2 eval", "1 = real token"),
+    "audio": ("(B, 998, 64)", "float32", "2 (audio on)", "normalised Kaldi fbank, zeros if none"),
+    "has_audio": ("(B,)", "bool", "2 (audio on)", "False = no/undecodable audio"),
+    "mask": ("(B, N)", "bool", "2 (mask on)", "True = token dropped (random / tube)"),
+    "skipped": ("(B, R)", "int32", "all", f"replaced bad records per reason {REASONS}"),
+    "index": ("(B,)", "int64", "all", "global example index (for resume checks)"),
+}
+
+_logged_keys: set = set()
+
+
+class RobustLoad(grain.MapDataset):
+  """Maps records to examples; an unusable record is replaced by the next candidate."""
+
+  def __init__(self, parent: grain.MapDataset, spec: LoadSpec, seed: int, max_tries: int = 16):
+    super().__init__(parent)
+    self._spec, self._seed, self._max_tries = spec, seed, max_tries
+
+  def __len__(self):
+    return len(self._parent)
+
+  def __str__(self):
+    return f"RobustLoad(tries={self._max_tries})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    skipped = np.zeros(len(REASONS), np.int32)
+    n = len(self._parent)
+    last = None
+    for attempt in range(self._max_tries):
+      # Replacement candidates stride through the corpus so a bad region is left quickly.
+      j = index if attempt == 0 else (index + attempt * 7919) % n
+      rng = np.random.default_rng([self._seed, index, attempt])
+      try:
+        rec = self._parent[j]
+        if not isinstance(rec, dict):
+          raise SkipExample("bad_record", f"record {j} is {type(rec).__name__}")
+        example = load_example(rec, self._spec, rng)
+      except SkipExample as e:
+        last = e
+      except Exception as e:  # noqa: BLE001 - data must never stop the run; count and move on
+        last = SkipExample("error", f"record {j}: {type(e).__name__}: {e}")
+      else:
+        example["skipped"] = skipped
+        example["index"] = np.int64(index)
+        return example
+      skipped[REASONS.index(last.reason)] += 1
+      key = str(last).split(":")[0]
+      if key not in _logged_keys:
+        _logged_keys.add(key)
+        log.warning("skipping example (%s): %s", last.reason, last)
+    raise RuntimeError(f"{self._max_tries} candidates in a row were unusable around example "
+                       f"{index}; last: {last}. Check the corpus paths (data_root).")
+
+
+def _spec_from_config(data_cfg, model_cfg, stage: str, train: bool) -> LoadSpec:
+  d = dict(data_cfg.get("load", {}))
+  unknown = sorted(set(d) - {f.name for f in LoadSpec.__dataclass_fields__.values()})
+  if unknown:
+    raise ValueError(f"unknown data.load keys {unknown}; valid: {sorted(LoadSpec.__dataclass_fields__)}")
+  d.setdefault("size", model_cfg.img_size)
+  d.setdefault("patch_size", model_cfg.patch_size)
+  d.setdefault("tubelet_size", model_cfg.tubelet_size)
+  d.setdefault("num_frames", model_cfg.num_frames)
+  if stage == "stage1":
+    d.setdefault("sample", "segments")
+    d.setdefault("crop", "multiscale")
+    d.setdefault("text", False)
+  if not train:
+    d.update(sample="middle" if d.get("sample", "rand") != "segments" else "segments",
+             crop="squash", flip=False, mask="none", train=False)
+  for k in ("rrc_scale", "no_flip_sources"):
+    if k in d:
+      d[k] = tuple(d[k])
+  return LoadSpec(**d)
+
+
+def corpus_dataset(records, spec: LoadSpec, *, seed: int, num_epochs: Optional[int],
+                   shard_index: int, shard_count: int) -> grain.MapDataset:
+  """Records -> shuffled, repeated, per-process examples (random access)."""
+  ds = grain.MapDataset.source(records).shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  if shard_count > 1:
+    ds = ds[shard_index::shard_count]
+  return RobustLoad(ds, spec, seed)
+
+
+def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = True,
+                  batch_size: Optional[int] = None, seed: Optional[int] = None,
+                  num_epochs: Optional[int] = None, shard_index: Optional[int] = None,
+                  shard_count: Optional[int] = None, skipped_rows: Optional[collections.Counter] = None
+                  ) -> grain.IterDataset:
+  """The dataset of one stage: an IterDataset of host batches (dicts of numpy arrays).
+
+  data_cfg.corpora: list of {format, path, data_root, weight, ...} (see sources.open_corpus);
+  data_cfg.batch_size is the *global* batch; each process gets batch_size / process_count.
+  """
+  if stage not in ("stage1", "stage2", "stage3"):
+    raise ValueError(f"unknown stage {stage!r}")
+  seed = int(data_cfg.get("seed", 0) if seed is None else seed)
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  global_batch = int(batch_size or data_cfg.batch_size)
+  if global_batch % shard_count:
+    raise ValueError(f"data.batch_size={global_batch} is not divisible by {shard_count} processes")
+  host_batch = global_batch // shard_count
+  if not data_cfg.get("corpora"):
+    raise ValueError("data.corpora is empty: list at least one corpus")
+  parts, weights = [], []
+  for i, corpus in enumerate(data_cfg.corpora):
+    records = sources.open_corpus(corpus, skipped=skipped_rows)
+    if isinstance(records, sources.RecordList):
+      kinds = collections.Counter(r["media"] for r in records.records)
+      if len(kinds) > 1:  # one corpus = one media type, so every batch has one frame count
+        raise ValueError(f"{corpus.path}: mixes media types {dict(kinds)}; split it into one "
+                         "corpus per media type (they are mixed batch by batch)")
+    spec = _spec_from_config(data_cfg, model_cfg, stage, train)
+    ds = corpus_dataset(records, spec, seed=seed + 1000 * i,
+                        num_epochs=num_epochs if train else (num_epochs or 1),
+                        shard_index=shard_index, shard_count=shard_count)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 1)),
+                                              prefetch_buffer_size=int(data_cfg.get("read_prefetch", 2))))
+    parts.append(ds.batch(host_batch, drop_remainder=train))
+    weights.append(float(corpus.get("weight", 1.0)))
+  ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
+  workers = int(data_cfg.get("num_workers", 0))
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=int(data_cfg.get("worker_buffer", 2))))
+  return ds
+
+
+def skip_summary(batch: dict) -> dict[str, int]:
+  """{reason: count} of records replaced while building this batch (for metrics)."""
+  counts = np.asarray(batch["skipped"]).sum(axis=0)
+  return {r: int(c) for r, c in zip(REASONS, counts) if c}
+
+
+__all__ = ["BATCH_SPEC", "RobustLoad", "make_pipeline", "skip_summary", "corpus_dataset"]

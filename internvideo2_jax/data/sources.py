@@ -1,0 +1,259 @@
+"""Corpora as random-access sequences of records (plain dicts), from annotations or shards.
+
+A record:
+  key         unique id (the media path, or the row id)
+  media       "video" | "image"
+  path        file to decode (absolute), or "" when `data` holds the encoded bytes
+  data        encoded media bytes (ArrayRecord / TFDS records), else b""
+  captions    list of str; `caption_fields` keeps other caption keys, e.g. {"avs_captions": [...]}
+  audio       audio file path ("" = the media file's own audio track)
+  audio_pcm   int16 16 kHz mono PCM bytes (packed records), else b""
+  start_frame / end_frame   clip window in frames (-1 = whole video)
+  start_time / end_time     clip window in seconds (stage-1 CSV; -1 = whole video)
+  source      corpus / dataset name (e.g. "ssv2": per-source options such as no flip)
+  label       int class id (-1 if none)
+
+Formats: the official JSON annotation lists (also JSON Lines), the stage-1 CSV rows
+`source path total_time start_time end_time target`, ArrayRecord shards written by
+`internvideo2_jax.data.pack`, and the TFDS builder in `data/tfds_corpus.py` over the same records.
+Malformed rows are skipped, counted and logged with the file and row number.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import glob
+import json
+import logging
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+RECORD_DEFAULTS = dict(key="", media="video", path="", data=b"", captions=[], caption_fields={},
+                       audio="", audio_pcm=b"", start_frame=-1, end_frame=-1, start_time=-1.0,
+                       end_time=-1.0, source="", label=-1)
+
+
+def make_record(**fields) -> dict:
+  unknown = sorted(set(fields) - set(RECORD_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown record fields {unknown}")
+  rec = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+         for k, v in RECORD_DEFAULTS.items()}
+  rec.update(fields)
+  return rec
+
+
+class AnnotationError(ValueError):
+  """An annotation file cannot be read at all (unreadable, not JSON/CSV)."""
+
+
+def _join(root: str, path: str) -> str:
+  return path if not root or os.path.isabs(path) else os.path.join(root, path)
+
+
+def _captions(value: Any) -> list[str]:
+  if isinstance(value, str):
+    return [value]
+  if isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value):
+    return list(value)
+  raise ValueError(f"caption must be a string or a list of strings, got {type(value).__name__}")
+
+
+def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", source: str = "") -> dict:
+  """One official JSON annotation row -> record. Raises ValueError naming what is wrong."""
+  if not isinstance(row, dict):
+    raise ValueError(f"row is {type(row).__name__}, not an object")
+  media = "video" if "video" in row else "image" if "image" in row else None
+  if media is None:
+    raise ValueError("row has neither 'video' nor 'image'")
+  path = row[media]
+  if not isinstance(path, str) or not path:
+    raise ValueError(f"'{media}' must be a non-empty string")
+  captions: list[str] = []
+  if "captions" in row:
+    captions = _captions(row["captions"])
+  elif "caption" in row:
+    captions = _captions(row["caption"])
+  fields = {k: _captions(v) for k, v in row.items()
+            if "caption" in k and k not in ("caption", "captions")}
+  audio = row.get("audio", "")
+  if not isinstance(audio, str):
+    raise ValueError("'audio' must be a path string")
+  def frame(k):
+    v = row.get(k, -1)
+    if v is None:
+      return -1
+    if not isinstance(v, int) or isinstance(v, bool):
+      raise ValueError(f"'{k}' must be an integer frame index, got {v!r}")
+    return v
+  start, end = frame("video_start_frame"), frame("video_end_frame")
+  if 0 <= end <= start:
+    raise ValueError(f"empty clip window video_start_frame={start} video_end_frame={end}")
+  full = _join(data_root, path)
+  return make_record(key=full, media=media, path=full, captions=captions, caption_fields=fields,
+                     audio=_join(audio_root or data_root, audio) if audio else "",
+                     start_frame=start, end_frame=end, source=source or row.get("source", ""),
+                     label=int(row["label"]) if isinstance(row.get("label"), int) else -1)
+
+
+def load_json(path: str, *, data_root: str = "", audio_root: str = "", source: str = "",
+              skipped: Optional[collections.Counter] = None) -> list[dict]:
+  """Official JSON annotations (a list of rows) or JSON Lines; bad rows skipped and counted."""
+  skipped = skipped if skipped is not None else collections.Counter()
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise AnnotationError(f"{path}: cannot read annotations: {e}") from e
+  text = raw.decode("utf-8", errors="replace")  # non-UTF-8 bytes become U+FFFD, rows stay usable
+  if "\ufffd" in text:
+    log.warning("%s: contains non-UTF-8 bytes; they were replaced", path)
+  rows: list[tuple[int, Any]] = []
+  if path.endswith(".jsonl"):
+    for n, line in enumerate(text.splitlines(), 1):
+      if line.strip():
+        try:
+          rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+          skipped["bad_annotation"] += 1
+          log.warning("%s:%d: skipped, not JSON (%s)", path, n, e.msg)
+  else:
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise AnnotationError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(data, list):
+      raise AnnotationError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    rows = list(enumerate(data, 1))
+  records = []
+  for n, row in rows:
+    try:
+      records.append(record_from_row(row, data_root=data_root, audio_root=audio_root, source=source))
+    except (ValueError, TypeError) as e:
+      skipped["bad_annotation"] += 1
+      log.warning("%s: row %d skipped: %s", path, n, e)
+  if not records:
+    raise AnnotationError(f"{path}: no usable rows ({sum(skipped.values())} malformed)")
+  return records
+
+
+def load_csv(path: str, *, data_root: str = "", skipped: Optional[collections.Counter] = None) -> list[dict]:
+  """Stage-1 rows `source path total_time start_time end_time target` (space- or comma-separated)."""
+  skipped = skipped if skipped is not None else collections.Counter()
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      lines = f.read().splitlines()
+  except OSError as e:
+    raise AnnotationError(f"{path}: cannot read annotations: {e}") from e
+  records = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    cols = next(csv.reader([line])) if "," in line else line.split()
+    try:
+      if len(cols) != 6:
+        raise ValueError(f"{len(cols)} columns, expected 6 (source path total_time start_time end_time target)")
+      source, rel, total, start, end, target = cols
+      start_t, end_t = float(start), float(end)
+      if end_t >= 0 and end_t <= start_t:
+        raise ValueError(f"empty clip window {start_t}..{end_t}")
+      full = _join(data_root, rel)
+      records.append(make_record(key=f"{full}@{start_t}", path=full, source=source,
+                                 start_time=start_t, end_time=end_t, label=int(float(target))))
+      del total
+    except ValueError as e:
+      skipped["bad_annotation"] += 1
+      log.warning("%s: line %d skipped: %s", path, n, e)
+  if not records:
+    raise AnnotationError(f"{path}: no usable rows")
+  return records
+
+
+# ----------------------------------------------------------------------------- packed records
+
+
+def encode_record(rec: dict) -> bytes:
+  return msgpack.packb(rec, use_bin_type=True)
+
+
+def decode_record(raw: bytes) -> dict:
+  return make_record(**msgpack.unpackb(raw, raw=False))
+
+
+def shard_paths(pattern: str) -> list[str]:
+  """Paths of an ArrayRecord corpus: a glob, a directory, or `name-*-of-*` prefix."""
+  paths = sorted(glob.glob(pattern))
+  if not paths and os.path.isdir(pattern):
+    paths = sorted(glob.glob(os.path.join(pattern, "*.array_record")))
+  if not paths:
+    paths = sorted(glob.glob(pattern + "-*-of-*"))
+  if not paths:
+    raise FileNotFoundError(f"no ArrayRecord shards match {pattern!r}")
+  return paths
+
+
+class ArrayRecordCorpus:
+  """Random access over packed shards; items are records (dicts)."""
+
+  def __init__(self, pattern: str):
+    import grain
+    self.paths = shard_paths(pattern)
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> dict:
+    return decode_record(self._source[i])
+
+  def __repr__(self):
+    return f"ArrayRecordCorpus({len(self.paths)} shards, {len(self)} records)"
+
+
+class RecordList:
+  """A list of records with the random-access interface of the other sources."""
+
+  def __init__(self, records: Sequence[dict], name: str = ""):
+    self.records, self.name = list(records), name
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    return self.records[i]
+
+  def __repr__(self):
+    return f"RecordList({self.name!r}, {len(self)} records)"
+
+
+def open_corpus(cfg, skipped: Optional[collections.Counter] = None):
+  """A corpus config -> random-access source of records.
+
+  cfg.format: "json" (also .jsonl) | "csv" | "array_record" | "tfds"; cfg.path (annotation file,
+  shard glob, or TFDS name), cfg.data_root, cfg.audio_root, cfg.source, cfg.split, cfg.data_dir.
+  """
+  fmt = cfg.get("format", "json")
+  if fmt == "json":
+    return RecordList(load_json(cfg.path, data_root=cfg.get("data_root", ""),
+                                audio_root=cfg.get("audio_root", ""), source=cfg.get("source", ""),
+                                skipped=skipped), cfg.path)
+  if fmt == "csv":
+    return RecordList(load_csv(cfg.path, data_root=cfg.get("data_root", ""), skipped=skipped), cfg.path)
+  if fmt == "array_record":
+    return ArrayRecordCorpus(cfg.path)
+  if fmt == "tfds":
+    from internvideo2_jax.data import tfds_corpus
+    return tfds_corpus.TfdsCorpus(cfg.path, split=cfg.get("split", "train"),
+                                  data_dir=cfg.get("data_dir", None))
+  raise ValueError(f"unknown corpus format {fmt!r}; use json, csv, array_record or tfds")
+
+
+def iter_records(sources: Iterable) -> Iterable[dict]:
+  for src in sources:
+    for i in range(len(src)):
+      yield src[i]

@@ -1,0 +1,1 @@
+"""Training: state, optimizer, per-stage steps, the loop, checkpointing, metrics."""
