@@ -118,10 +118,12 @@ def corpus_dataset(records, spec: LoadSpec, *, seed: int, num_epochs: Optional[i
                    shard_index: int, shard_count: int) -> grain.MapDataset:
   """Records -> shuffled, repeated, per-process examples (random access)."""
   ds = grain.MapDataset.source(records).shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
+  # Loading before the per-process slice keys each example's randomness (and the `index` it
+  # reports) by its global position, so an example is the same whatever the process count.
+  ds = RobustLoad(ds.repeat(num_epochs), spec, seed)
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
-  return RobustLoad(ds, spec, seed)
+  return ds
 
 
 def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = True,
@@ -147,11 +149,12 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
     raise ValueError("data.corpora is empty: list at least one corpus")
   parts, weights = [], []
   for i, corpus in enumerate(data_cfg.corpora):
+    corpus = corpus.to_dict() if hasattr(corpus, "to_dict") else dict(corpus)
     records = sources.open_corpus(corpus, skipped=skipped_rows)
     if isinstance(records, sources.RecordList):
       kinds = collections.Counter(r["media"] for r in records.records)
       if len(kinds) > 1:  # one corpus = one media type, so every batch has one frame count
-        raise ValueError(f"{corpus.path}: mixes media types {dict(kinds)}; split it into one "
+        raise ValueError(f"{corpus['path']}: mixes media types {dict(kinds)}; split it into one "
                          "corpus per media type (they are mixed batch by batch)")
     spec = _spec_from_config(data_cfg, model_cfg, stage, train)
     ds = corpus_dataset(records, spec, seed=seed + 1000 * i,

@@ -237,6 +237,10 @@ def open_corpus(cfg, skipped: Optional[collections.Counter] = None):
   cfg.format: "json" (also .jsonl) | "csv" | "array_record" | "tfds"; cfg.path (annotation file,
   shard glob, or TFDS name), cfg.data_root, cfg.audio_root, cfg.source, cfg.split, cfg.data_dir.
   """
+  cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  if not cfg.get("path"):
+    raise ValueError(f"corpus config needs a 'path': {cfg}")
+  cfg = _Attr(cfg)
   fmt = cfg.get("format", "json")
   if fmt == "json":
     return RecordList(load_json(cfg.path, data_root=cfg.get("data_root", ""),
@@ -251,6 +255,10 @@ def open_corpus(cfg, skipped: Optional[collections.Counter] = None):
     return tfds_corpus.TfdsCorpus(cfg.path, split=cfg.get("split", "train"),
                                   data_dir=cfg.get("data_dir", None))
   raise ValueError(f"unknown corpus format {fmt!r}; use json, csv, array_record or tfds")
+
+
+class _Attr(dict):
+  __getattr__ = dict.__getitem__
 
 
 def iter_records(sources: Iterable) -> Iterable[dict]:

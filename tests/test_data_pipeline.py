@@ -1,0 +1,246 @@
+"""Grain pipelines end to end on real files: shapes, determinism, sharding, resume through
+Orbax, formats (JSON / ArrayRecord / TFDS) giving the same examples, mixing, bad data."""
+
+import collections
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from internvideo2_jax.data import pack, pipeline as P, sources, synthetic, tfds_corpus
+from internvideo2_jax.data.loader import REASONS, LoadSpec, load_example
+from internvideo2_jax.models.vit import vit_preset
+from internvideo2_jax.parallel import mesh as M, sharding as S
+from internvideo2_jax.train.checkpoint import Checkpointer
+
+MODEL = vit_preset("tiny")  # 32 px, patch 8, 4 frames
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("synthetic"))
+  paths = synthetic.write_corpus(root, train=16, val=4, images=8, num_frames=16, size=48)
+  return root, paths
+
+
+def data_cfg(corpora, **kw):
+  c = ml_collections.ConfigDict({"batch_size": 4, "seed": 0, "num_workers": 0,
+                                 "corpora": corpora, "load": {"mask": "random", "audio": True}})
+  c.update(kw)
+  return c
+
+
+def take(ds, n):
+  it = iter(ds)
+  return [next(it) for _ in range(n)]
+
+
+def test_stage2_batches_follow_the_spec(corpus):
+  root, paths = corpus
+  ds = P.make_pipeline(data_cfg([{"format": "json", "path": paths["train"], "data_root": root}]),
+                       MODEL, stage="stage2")
+  b = take(ds, 1)[0]
+  assert b["video"].shape == (4, 4, 32, 32, 3) and b["video"].dtype == np.uint8
+  assert b["text_ids"].shape == (4, 32) and b["text_mask"].dtype == np.int32
+  assert b["audio"].shape == (4, 998, 64) and b["has_audio"].dtype == np.bool_
+  assert b["mask"].shape == (4, 64) and (~b["mask"]).sum(1).tolist() == [13] * 4
+  assert b["skipped"].shape == (4, len(REASONS)) and b["index"].shape == (4,)
+  assert set(b) <= set(P.BATCH_SPEC)
+
+
+def test_deterministic_and_sharded_per_process(corpus):
+  root, paths = corpus
+  cfg = data_cfg([{"format": "json", "path": paths["train"], "data_root": root}])
+  a = take(P.make_pipeline(cfg, MODEL), 3)
+  b = take(P.make_pipeline(cfg, MODEL), 3)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  other = take(P.make_pipeline(data_cfg(cfg.corpora.to_list() if hasattr(cfg.corpora, "to_list") else cfg.corpora, seed=1), MODEL), 1)[0]
+  assert not np.array_equal(other["index"], a[0]["index"]) or not np.array_equal(other["video"], a[0]["video"])
+  # two processes: disjoint halves of the same global order, each with half the batch
+  cfg8 = data_cfg(cfg.corpora, batch_size=8)
+  halves = [take(P.make_pipeline(cfg8, MODEL, shard_index=i, shard_count=2, num_epochs=1), 2)
+            for i in range(2)]
+  seen = [np.concatenate([b["index"] for b in h]) for h in halves]
+  assert all(len(s) == 8 for s in seen) and not set(seen[0]) & set(seen[1])
+
+
+def test_iterator_resumes_exactly_through_orbax(corpus, tmp_path):
+  root, paths = corpus
+  cfg = data_cfg([{"format": "json", "path": paths["train"], "data_root": root}], num_workers=2)
+  it = iter(P.make_pipeline(cfg, MODEL))
+  for _ in range(3):
+    next(it)
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  state = {"w": jax.numpy.arange(4.0)}
+  ckpt.save(3, state, it, cfg)
+  expected = [next(it) for _ in range(2)]
+  fresh = iter(P.make_pipeline(cfg, MODEL))
+  restored, step = ckpt.restore(state, fresh)
+  assert step == 3 and np.array_equal(restored["w"], state["w"])
+  for want in expected:
+    got = next(fresh)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert ckpt.restore_config()["batch_size"] == 4
+  ckpt.close()
+
+
+def test_json_arrayrecord_and_tfds_give_the_same_examples(corpus, tmp_path):
+  root, paths = corpus
+  js = sources.open_corpus(ml_collections.ConfigDict({"format": "json", "path": paths["val"], "data_root": root}))
+  res = pack.write_shards(sources.iter_records([js]), str(tmp_path / "shards" / "val"), 2, audio=True)
+  assert res["written"] == len(js) == 4
+  ar = sources.open_corpus(ml_collections.ConfigDict({"format": "array_record", "path": str(tmp_path / "shards" / "val")}))
+  tfds_corpus.build({"val": paths["val"]}, data_dir=str(tmp_path / "tfds"), data_root=root,
+                    pack_kwargs=dict(audio=True))
+  tf = tfds_corpus.TfdsCorpus(split="val", data_dir=str(tmp_path / "tfds"))
+  by_key = lambda src: {src[i]["key"]: src[i] for i in range(len(src))}  # noqa: E731
+  a, b = by_key(ar), by_key(tf)
+  assert set(a) == set(b) == {r["key"] for r in js.records}
+  spec = LoadSpec(num_frames=4, size=32, patch_size=8, audio=True, mask="random")
+  for key, rec in js_records(js).items():
+    ex = [load_example(src[key], spec, np.random.default_rng(0)) for src in (
+        {key: rec}, a, b)]
+    for k in ex[0]:
+      if k == "audio":  # the JSON record decodes AAC itself, packed ones read stored PCM
+        np.testing.assert_allclose(ex[1][k], ex[2][k])
+        np.testing.assert_allclose(ex[0][k], ex[1][k], atol=0.05)
+      else:
+        np.testing.assert_array_equal(ex[0][k], ex[1][k])
+        np.testing.assert_array_equal(ex[1][k], ex[2][k])
+
+
+def js_records(js):
+  return {r["key"]: r for r in js.records}
+
+
+def test_weighted_mixing_of_video_and_image_corpora(corpus):
+  root, paths = corpus
+  cfg = data_cfg([{"format": "json", "path": paths["train"], "data_root": root, "weight": 3.0},
+                  {"format": "json", "path": paths["train_images"], "data_root": root, "weight": 1.0}],
+                 load={"mask": "random", "text": True})
+  frames = [b["video"].shape[1] for b in take(P.make_pipeline(cfg, MODEL), 8)]
+  assert set(frames) == {4, 1} and frames.count(4) == 6  # 3:1 by batch
+  img = next(b for b in take(P.make_pipeline(cfg, MODEL), 4) if b["video"].shape[1] == 1)
+  assert (~img["mask"]).sum(1).tolist() == [8] * 4  # image mask ratio 0.5 of 16 tokens
+
+
+def test_stage1_csv_pipeline(corpus):
+  root, paths = corpus
+  cfg = data_cfg([{"format": "csv", "path": paths["train_stage1"], "data_root": root}],
+                 load={"num_frames": 16})
+  b = take(P.make_pipeline(cfg, MODEL, stage="stage1"), 1)[0]
+  assert b["video"].shape == (4, 16, 32, 32, 3) and "text_ids" not in b
+  assert set(b["label"].tolist()) <= {0, 1, 2, 3}
+
+
+def test_host_batch_becomes_a_sharded_global_array(corpus):
+  root, paths = corpus
+  cfg = data_cfg([{"format": "json", "path": paths["train"], "data_root": root}], batch_size=8)
+  batch = take(P.make_pipeline(cfg, MODEL), 1)[0]
+  mesh = M.make_mesh({"data": 4, "fsdp": 2})
+  arrays = S.shard_batch(batch, mesh)
+  assert arrays["video"].shape == (8, 4, 32, 32, 3)
+  assert len(arrays["video"].addressable_shards) == 8
+  assert arrays["video"].addressable_shards[0].data.shape == (1, 4, 32, 32, 3)
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+def _bad_corpus(root, good_rows):
+  """Rows pointing at every kind of broken input next to good ones."""
+  d = os.path.join(root, "bad")
+  os.makedirs(d, exist_ok=True)
+  rng = np.random.default_rng(5)
+  open(os.path.join(d, "empty.mp4"), "wb").close()
+  with open(os.path.join(root, good_rows[0]["video"]), "rb") as f:
+    data = f.read()
+  with open(os.path.join(d, "truncated.mp4"), "wb") as f:
+    f.write(data[: len(data) // 3])
+  with open(os.path.join(d, "garbage.mp4"), "wb") as f:
+    f.write(rng.bytes(4000))
+  import av
+  with av.open(os.path.join(d, "audio_only.m4a"), "w") as c:  # no video stream
+    s = c.add_stream("aac", rate=16000)
+    s.layout = "mono"
+    fr = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="flt", layout="mono")
+    fr.sample_rate = 16000
+    for p in list(s.encode(fr)) + list(s.encode()):
+      c.mux(p)
+  clip = synthetic.render_clip(rng, 3, 48, shape="square", colour="red", direction="up")
+  synthetic.write_mp4(os.path.join(d, "short.mp4"), clip)  # 3 frames < 4 requested
+  gray = synthetic.render_clip(rng, 8, 50, shape="circle", colour="white", direction="left")
+  with av.open(os.path.join(d, "gray_odd.mkv"), "w") as c:  # grayscale, odd size (50 x 49)
+    s = c.add_stream("ffv1", rate=8)
+    s.width, s.height, s.pix_fmt = 50, 49, "gray"
+    for i in range(8):
+      f = av.VideoFrame.from_ndarray(np.ascontiguousarray(gray[i, :49, :, 0]), format="gray")
+      for p in s.encode(f):
+        c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+  with open(os.path.join(d, "broken_audio.wav"), "wb") as f:
+    f.write(b"RIFF\x00\x00\x00\x00WAVEjunk")
+  rows = [dict(r) for r in good_rows[:4]]
+  rows += [
+      {"video": "bad/missing.mp4", "caption": "a missing file"},
+      {"video": "bad/empty.mp4", "caption": "an empty file"},
+      {"video": "bad/truncated.mp4", "caption": "a truncated file"},
+      {"video": "bad/garbage.mp4", "caption": "random bytes"},
+      {"video": "bad/audio_only.m4a", "caption": "no video stream"},
+      {"video": "bad/short.mp4", "caption": "only three frames"},
+      {"video": "bad/gray_odd.mkv", "caption": "grey odd sized frames"},
+      {"video": good_rows[1]["video"], "caption": "undecodable audio", "audio": "bad/broken_audio.wav"},
+      {"video": good_rows[2]["video"], "caption": "word " * 2000},
+      {"video": good_rows[3]["video"], "caption": 42},          # malformed row
+      ["not", "a", "row"],                                       # malformed row
+      {"caption": "no media key"},                               # malformed row
+  ]
+  path = os.path.join(root, "bad.json")
+  text = json.dumps(rows).replace("grey odd sized frames", "gr\\u00e9y odd sized frames")
+  with open(path, "wb") as f:
+    f.write(text.encode("utf-8").replace(b"gr\\u00e9y", b"gr\xe9y"))  # a non-UTF-8 byte
+  return path
+
+
+def test_bad_data_is_skipped_counted_and_the_run_goes_on(corpus, caplog):
+  root, paths = corpus
+  with open(paths["train"]) as f:
+    good = json.load(f)
+  path = _bad_corpus(root, good)
+  rows = collections.Counter()
+  cfg = data_cfg([{"format": "json", "path": path, "data_root": root}], batch_size=1,
+                 load={"audio": True, "mask": "random", "max_caption_chars": 500})
+  batches = list(P.make_pipeline(cfg, MODEL, num_epochs=1, skipped_rows=rows))
+  assert rows == {"bad_annotation": 3}  # caption 42, a list, no media key
+  assert len(batches) == 13  # 16 rows - 3 malformed: every slot filled, bad ones replaced
+  total = collections.Counter()
+  for b in batches:
+    total.update(P.skip_summary(b))
+  # each bad row is replaced once; a replacement candidate can itself be bad and count again
+  want = {"missing_file": 1, "empty_file": 1, "corrupt_video": 2, "no_video_stream": 1,
+          "bad_caption": 1}
+  assert set(total) == set(want) and all(total[k] >= n for k, n in want.items()), total
+  has_audio = {int(b["index"][0]): bool(b["has_audio"][0]) for b in batches}
+  assert sum(has_audio.values()) >= 4 and not all(has_audio.values())  # broken audio -> zeros
+  shapes = {b["video"].shape for b in batches}
+  assert shapes == {(1, 4, 32, 32, 3)}  # the short, grey, odd-sized clips are usable
+  assert "missing.mp4" in caplog.text and "row 14" in caplog.text
+
+
+def test_unreadable_annotation_files_are_named(tmp_path):
+  p = tmp_path / "a.json"
+  p.write_text("[{\"video\": \"x.mp4\"},")
+  with pytest.raises(sources.AnnotationError, match="a.json: not valid JSON at line 1"):
+    sources.load_json(str(p))
+  with pytest.raises(sources.AnnotationError, match="cannot read"):
+    sources.load_json(str(tmp_path / "none.json"))
+  p.write_text("[1, 2]")
+  with pytest.raises(sources.AnnotationError, match="no usable rows"):
+    sources.load_json(str(p))
