@@ -51,7 +51,6 @@ class LoadSpec:
   patch_size: int = 14
   tubelet_size: int = 1
   min_frames: int = 1             # videos with fewer decodable frames are skipped
-  seek_gap: int = 16
   train: bool = True
 
   def grid(self, frames: int) -> tuple[int, int, int]:
@@ -88,7 +87,7 @@ def _frames(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> np.ndarray:
         idx = segment_indices(spec.num_frames, vlen, rng=rng, test=not spec.train)
       else:
         idx = frame_indices(spec.num_frames, vlen, spec.sample, rng=rng, input_fps=v.fps or 30.0)
-      clip = v.read([start + i for i in idx], size=size, seek_gap=spec.seek_gap)
+      clip = v.read([start + i for i in idx], size=size)
   if squash:
     return clip
   flip = spec.flip and rec["source"] not in spec.no_flip_sources

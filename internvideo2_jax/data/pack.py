@@ -38,7 +38,7 @@ def _reencode(rec: dict, short_side: int, keyframe_interval: int) -> tuple[bytes
     if rec["start_time"] >= 0 and v.fps:
       start = int(rec["start_time"] * v.fps)
       end = min(int(rec["end_time"] * v.fps), n) if rec["end_time"] >= 0 else n
-    frames = v.read(list(range(start, end)), seek_gap=1 << 30)
+    frames = v.read(list(range(start, end)))
     fps = int(round(v.fps)) or 25
   _, h, w, _ = frames.shape
   scale = short_side / min(h, w)

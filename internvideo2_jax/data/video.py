@@ -6,13 +6,15 @@ intervals (`np.linspace(0, vlen, n + 1).astype(int)`); `middle` takes each inter
 samples at X frames per second; short videos repeat the last index. `segment_indices` is the
 TSN-style sampling of stage 1 (one random offset in each of n segments).
 
-`read_frames` seeks: it jumps to the keyframe before a wanted frame whenever that frame is more
-than `seek_gap` frames ahead, and decodes only up to the last wanted frame, so 8 frames of a
-300-frame clip cost a few GOPs, not the whole file.
+`read_frames` seeks: it reads the keyframe positions from the packets (no decoding), jumps to
+the keyframe before a wanted frame only when that keyframe lies ahead of the decoder, and stops
+after the last wanted frame, so each needed GOP is decoded once and 8 frames of a 300-frame
+clip cost a few GOPs, not the whole file.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 from fractions import Fraction
@@ -105,7 +107,7 @@ class VideoFile:
     self.time_base = self.stream.time_base or Fraction(1, 1)
     self.start_pts = self.stream.start_time if self.stream.start_time is not None else 0
     self._count = None
-    self._gop = 0  # keyframe spacing seen while decoding (0 = unknown)
+    self._keys = None
 
   def __enter__(self):
     return self
@@ -136,8 +138,7 @@ class VideoFile:
       raise _NoTimestamps
     return int(round(float((frame.pts - self.start_pts) * self.time_base) * self.fps))
 
-  def read(self, indices: Sequence[int], *, size: Optional[tuple[int, int]] = None,
-           seek_gap: int = 16) -> np.ndarray:
+  def read(self, indices: Sequence[int], *, size: Optional[tuple[int, int]] = None) -> np.ndarray:
     """uint8 (len(indices), H, W, 3) for the frames at `indices` (any order, repeats allowed).
 
     `size=(height, width)` squash-resizes with swscale bicubic during colour conversion.
@@ -153,7 +154,7 @@ class VideoFile:
     last = None
     if self.fps > 0:
       try:
-        last = self._read_seeking(wanted, got, kwargs, seek_gap)
+        last = self._read_seeking(wanted, got, kwargs)
       except _NoTimestamps:
         got.clear()
         self.container.seek(0, stream=self.stream)
@@ -176,29 +177,37 @@ class VideoFile:
         break
     return last
 
-  def _read_seeking(self, wanted, got, kwargs, seek_gap):
-    """Seeks to the keyframe before each wanted frame that lies more than seek_gap ahead."""
-    want, decoder, pos, last, key = set(wanted), None, 0, None, None
+  def keyframes(self) -> list[int]:
+    """Frame indices of the keyframes, from the packets alone (no decoding)."""
+    if self._keys is None:
+      keys = []
+      try:
+        for packet in self.container.demux(self.stream):
+          if packet.is_keyframe and packet.pts is not None:
+            keys.append(int(round(float((packet.pts - self.start_pts) * self.time_base) * self.fps)))
+      except av.error.FFmpegError as e:
+        raise VideoReadError(f"{self.name}: demux error: {e}") from e
+      self.container.seek(0, stream=self.stream)
+      self._keys = sorted(set(keys)) or [0]
+    return self._keys
+
+  def _read_seeking(self, wanted, got, kwargs):
+    """Decodes each needed GOP once: jumps to the keyframe before a wanted frame only when
+    that keyframe lies ahead of the decoder; otherwise keeps decoding forward."""
+    keys = self.keyframes()
+    want, decoder, pos, last = set(wanted), None, 0, None
     for target in wanted:
       if target in got:
         continue
-      # Seeking costs decoding from the keyframe before the target, about one GOP; once the
-      # keyframe spacing is known, seek whenever the target is further away than that.
-      gap = min(seek_gap, self._gop) if self._gop else seek_gap
-      if decoder is None or target - pos > gap:
-        if target > gap:
+      key = keys[max(bisect.bisect_right(keys, target) - 1, 0)]
+      if decoder is None or key > pos:
+        if key > 0:
           ts = self.start_pts + int(target / self.fps / self.time_base)
           self.container.seek(ts, stream=self.stream, backward=True, any_frame=False)
-          key = None  # keyframes before and after a jump are not one GOP apart
         decoder = self._decode()
-      idx = -1
       for frame in decoder:
         idx = self._index(frame)
         pos, last = idx + 1, frame
-        if frame.key_frame:
-          if key is not None and idx > key:
-            self._gop = idx - key
-          key = idx
         if idx in want and idx not in got:
           got[idx] = frame.to_ndarray(**kwargs)
         if idx >= target:
@@ -214,11 +223,10 @@ class _NoTimestamps(Exception):
   """Timestamps cannot be trusted for seeking; decode sequentially instead."""
 
 
-def read_frames(src: Source, indices: Sequence[int], *, size: Optional[tuple[int, int]] = None,
-                seek_gap: int = 16) -> np.ndarray:
+def read_frames(src: Source, indices: Sequence[int], *, size: Optional[tuple[int, int]] = None) -> np.ndarray:
   """Decodes the frames at `indices` of a file path or encoded bytes -> uint8 (T, H, W, 3)."""
   with VideoFile(src) as v:
-    return v.read(indices, size=size, seek_gap=seek_gap)
+    return v.read(indices, size=size)
 
 
 def num_frames_of(src: Source) -> int:
