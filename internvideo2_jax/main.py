@@ -23,6 +23,7 @@ flags.DEFINE_string("workdir", "runs/default", "Where outputs, logs and checkpoi
 # job name -> module with `run(config, workdir)`; imported lazily so a job pulls in only its deps.
 JOBS = {
     "features": "internvideo2_jax.evaluate.features",
+    "inspect_data": "internvideo2_jax.data.inspect",
 }
 
 

@@ -244,3 +244,23 @@ def test_unreadable_annotation_files_are_named(tmp_path):
   p.write_text("[1, 2]")
   with pytest.raises(sources.AnnotationError, match="no usable rows"):
     sources.load_json(str(p))
+
+
+def test_clip_window_and_per_source_flip(corpus):
+  root, paths = corpus
+  with open(paths["train"]) as f:
+    row = json.load(f)[0]
+  path = os.path.join(root, row["video"])
+  from internvideo2_jax.data.video import read_frames
+  full = read_frames(path, list(range(16)), size=(32, 32))
+  rec = sources.record_from_row(dict(row, video_start_frame=8, video_end_frame=12), data_root=root)
+  spec = LoadSpec(num_frames=4, sample="middle", size=32, patch_size=8, text=False, train=False)
+  ex = load_example(rec, spec, np.random.default_rng(0))
+  np.testing.assert_array_equal(ex["video"], full[8:12])  # the window's 4 frames, in order
+  # flips happen for ordinary sources but never for the ones listed in no_flip_sources
+  train = LoadSpec(num_frames=4, sample="middle", size=32, patch_size=8, text=False, rrc_scale=(1.0, 1.0))
+  def flips(source):
+    r = dict(rec, source=source)
+    outs = [load_example(r, train, np.random.default_rng(s))["video"] for s in range(12)]
+    return {bool(np.array_equal(o, outs[0][:, :, ::-1])) for o in outs}
+  assert True in flips("webvid") and True not in flips("ssv2")

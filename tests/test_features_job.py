@@ -67,3 +67,13 @@ def test_cli_runs_the_default_job(tmp_path):
   assert "3 videos -> pooled features (3, 32)" in res.stdout
   assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in res.stdout
   assert np.load(tmp_path / "features.npz")["pooled"].shape == (3, 32)
+
+
+def test_inspect_data_job(tmp_path):
+  from configs import data as data_config
+  from internvideo2_jax.data import inspect
+  c = data_config.get_config()
+  c.num_batches = 1
+  c.data.batch_size = 2
+  out = inspect.run(c, str(tmp_path))
+  assert out["skipped"] == {} and (tmp_path / "batch.png").exists()

@@ -136,8 +136,9 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
   data_cfg.corpora: list of {format, path, data_root, weight, ...} (see sources.open_corpus);
   data_cfg.batch_size is the *global* batch; each process gets batch_size / process_count.
   """
-  if stage not in ("stage1", "stage2", "stage3"):
-    raise ValueError(f"unknown stage {stage!r}")
+  if stage not in ("stage1", "stage2"):
+    raise ValueError(f"unknown data stage {stage!r}: stage1 (distillation clips) or stage2 "
+                     "(video/image-text-audio); the stage-3 instruction data comes with stage 3")
   seed = int(data_cfg.get("seed", 0) if seed is None else seed)
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
