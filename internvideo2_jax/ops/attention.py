@@ -39,6 +39,7 @@ class AttentionSpec:
   has_mask: bool
   has_bias: bool
   is_causal: bool
+  has_dropout: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +97,10 @@ def _broadcast_mask(mask: Optional[Array], b: int, h: int, tq: int, tk: int) -> 
 # ----------------------------------------------------------------------------- xla
 
 
-def xla_attention(q, k, v, *, mask=None, bias=None, scale=None, is_causal=False):
-  """Reference attention: fp32 logits and softmax, output in q's dtype."""
+def xla_attention(q, k, v, *, mask=None, bias=None, scale=None, is_causal=False,
+                  dropout_rate=0.0, dropout_rng=None):
+  """Reference attention: fp32 logits and softmax, output in q's dtype; optional dropout on the
+  attention probabilities (BERT's attention_probs_dropout)."""
   b, tq, h, d = q.shape
   tk = k.shape[1]
   scale = d ** -0.5 if scale is None else scale
@@ -112,6 +115,9 @@ def xla_attention(q, k, v, *, mask=None, bias=None, scale=None, is_causal=False)
     # A finite fill keeps fully masked rows finite (uniform weights) instead of NaN.
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
@@ -124,7 +130,7 @@ def _xla_supports(spec: AttentionSpec) -> Optional[str]:
 # ----------------------------------------------------------------------------- cudnn
 
 
-def cudnn_attention(q, k, v, *, mask=None, bias=None, scale=None, is_causal=False):
+def cudnn_attention(q, k, v, *, mask=None, bias=None, scale=None, is_causal=False, **_):
   b, tq, h, _ = q.shape
   mask = _broadcast_mask(mask, b, h, tq, k.shape[1])
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
@@ -134,6 +140,8 @@ def cudnn_attention(q, k, v, *, mask=None, bias=None, scale=None, is_causal=Fals
 def _cudnn_supports(spec: AttentionSpec) -> Optional[str]:
   if spec.platform != "gpu":
     return f"cuDNN needs a GPU (platform is {spec.platform})"
+  if spec.has_dropout:
+    return "attention dropout is not supported by jax.nn.dot_product_attention"
   if spec.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"cuDNN flash attention needs fp16/bf16 inputs, got {spec.dtype}"
   if spec.head_dim % 8 or spec.head_dim > 128:
@@ -181,7 +189,8 @@ def _describe(spec: AttentionSpec) -> str:
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
                           bias: Optional[Array] = None, scale: Optional[float] = None,
-                          is_causal: bool = False, implementation: str = "auto") -> Array:
+                          is_causal: bool = False, implementation: str = "auto",
+                          dropout_rate: float = 0.0, dropout_rng=None) -> Array:
   """Multi-head attention on [B, T, H, D] inputs.
 
   Args:
@@ -191,6 +200,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
     scale: logits scale, default D ** -0.5.
     is_causal: lower-triangular mask (aligned to the end when Tq < Tk).
     implementation: "auto", "xla", "cudnn" or a registered kernel.
+    dropout_rate, dropout_rng: dropout on the attention probabilities (training only).
   Returns:
     [B, Tq, H, D] in q's dtype.
   """
@@ -201,7 +211,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
   # Inside jit the inputs are tracers; the default backend is where the computation runs.
   spec = AttentionSpec(platform=jax.default_backend(), dtype=jnp.dtype(q.dtype), q_len=q.shape[1],
                        kv_len=k.shape[1], num_heads=q.shape[2], head_dim=q.shape[3],
-                       has_mask=mask is not None, has_bias=bias is not None, is_causal=is_causal)
+                       has_mask=mask is not None, has_bias=bias is not None, is_causal=is_causal,
+                       has_dropout=dropout_rate > 0.0)
   name = select_implementation(spec, implementation)
-  return _REGISTRY[name].fn(q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal)
+  kw = {"dropout_rate": dropout_rate, "dropout_rng": dropout_rng} if dropout_rate > 0.0 else {}
+  return _REGISTRY[name].fn(q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal, **kw)
 

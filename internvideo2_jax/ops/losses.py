@@ -1,0 +1,114 @@
+"""Loss math of the stage-2 objectives (plain JAX).
+
+All functions take *global* arrays; under `jax.jit` with a sharded batch, XLA inserts the
+all-gathers, so VTC over the whole mesh is just the global computation and its gradient is
+exact. `vtc_loss` supports the official world-size scaling explicitly (see `vtc_scale`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def vtc_loss(vision, text, sample_ids, temp):
+  """Symmetric contrastive loss with soft targets from sample ids (duplicates all positive).
+
+  vision, text: (N, D) L2-normalised; sample_ids: (N,); temp: scalar. Returns the mean of
+  CE(v->t) and CE(t->v) with targets `ids_i == ids_j` row-normalised (official vtc_loss).
+  """
+  sim = vision @ text.T / temp  # (N, N) fp32
+  pos = (sample_ids[:, None] == sample_ids[None, :]).astype(jnp.float32)
+  targets = pos / pos.sum(axis=1, keepdims=True)
+  loss_v2t = -jnp.sum(jax.nn.log_softmax(sim, axis=1) * targets, axis=1).mean()
+  loss_t2v = -jnp.sum(jax.nn.log_softmax(sim.T, axis=1) * targets, axis=1).mean()
+  return (loss_v2t + loss_t2v) / 2
+
+
+def vtc_scale(mode, num_batch_shards: int) -> float:
+  """Multiplier of the VTC loss. "official" reproduces the released recipe, where every rank
+  computes the full gathered loss, the gather's backward keeps only local slices and gradients
+  are averaged over ranks: VTC's effective gradient is 1 / world_size of the global loss's
+  (reference §11.1). 1.0 (default) is the world-size-independent global loss."""
+  if mode == "official":
+    return 1.0 / num_batch_shards
+  return float(mode)
+
+
+def hard_negatives(key, vision, text, sample_ids, temp, groups: int):
+  """Official VTM hard-negative sampling, within each of `groups` local batches.
+
+  Weights are softmax(sim / temp) over the local batch with positives (same sample id) zeroed;
+  one negative text per video and one negative video per text is drawn in proportion to them
+  (torch.multinomial normalises, so no renormalisation is needed). Returns global indices
+  (neg_text_for_video (N,), neg_video_for_text (N,)).
+  """
+  n = vision.shape[0]
+  if n % groups:
+    raise ValueError(f"batch {n} not divisible into {groups} local groups")
+  b = n // groups
+  v = vision.reshape(groups, b, -1)
+  t = text.reshape(groups, b, -1)
+  ids = sample_ids.reshape(groups, b)
+  sim_v2t = jnp.einsum("gid,gjd->gij", v, t) / temp
+  pos = ids[:, :, None] == ids[:, None, :]
+  k1, k2 = jax.random.split(key)
+
+  def draw(k, s):
+    w = jnp.where(pos, 0.0, jax.nn.softmax(s, axis=-1))
+    # A row with no negative at all (every sample identical) falls back to uniform, like the
+    # official NaN -> 1e-2 replacement.
+    w = jnp.where(w.sum(-1, keepdims=True) > 0, w, jnp.ones_like(w))
+    return jax.random.categorical(k, jnp.log(w), axis=-1)  # (G, b) local indices
+
+  neg_t = draw(k1, sim_v2t)
+  neg_v = draw(k2, jnp.swapaxes(sim_v2t, 1, 2))
+  offset = (jnp.arange(groups) * b)[:, None]
+  return (neg_t + offset).reshape(n), (neg_v + offset).reshape(n)
+
+
+def itm_labels(n: int):
+  """Labels of the 3N pairs [(v, t), (v_neg, t), (v, t_neg)]: [1]*N + [0]*2N."""
+  return jnp.concatenate([jnp.ones((n,), jnp.int32), jnp.zeros((2 * n,), jnp.int32)])
+
+
+def cross_entropy(logits, labels, weights=None):
+  """Mean cross-entropy (fp32); `weights` (same shape as labels) selects / weights terms."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  if weights is None:
+    return nll.mean()
+  return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def mlm_mask(key, ids, *, vocab_size: int, mask_token_id: int, pad_token_id: int = 0,
+             cls_token_id: int = 101, prob: float = 0.5):
+  """Official MLM masking: each token except [PAD] and [CLS] ([SEP] included) is chosen with
+  `prob`; of those 80% become [MASK], 10% a random id (any id, specials included), 10% stay.
+
+  Returns (masked_ids, targets (original ids), chosen (bool)).
+  """
+  k1, k2, k3 = jax.random.split(key, 3)
+  chosen = jax.random.bernoulli(k1, prob, ids.shape) & (ids != pad_token_id) & (ids != cls_token_id)
+  r = jax.random.uniform(k2, ids.shape)
+  to_mask = chosen & (r < 0.8)
+  to_random = chosen & (r >= 0.8) & (r < 0.9)
+  random_ids = jax.random.randint(k3, ids.shape, 0, vocab_size, dtype=ids.dtype)
+  masked = jnp.where(to_mask, mask_token_id, jnp.where(to_random, random_ids, ids))
+  return masked, ids, chosen
+
+
+def select_positions(chosen, max_positions: int):
+  """Up to `max_positions` chosen positions per row (first ones), with a validity mask.
+
+  The vocab projection of the MLM head is then computed only there; with captions of a few
+  words and prob 0.5 a small bound loses nothing (positions beyond it are rare and dropped).
+  """
+  order = jnp.argsort(~chosen, axis=1, stable=True)[:, :max_positions]
+  valid = jnp.take_along_axis(chosen, order, axis=1)
+  return order.astype(jnp.int32), valid
