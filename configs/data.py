@@ -3,7 +3,7 @@ r"""Check a corpus through a stage's input pipeline (shapes, speed, skipped reco
 Run:
   .venv/bin/iv2 --config=configs/data.py --workdir=runs/data        # synthetic corpus
   .venv/bin/iv2 --config=configs/data.py:stage=stage2 --workdir=runs/data \
-      --config.data.corpora='[{"format": "json", "path": "/data/msrvtt/train.json", "data_root": "/data/msrvtt/videos"}]'
+      --config.data.corpora='({"format": "json", "path": "/data/msrvtt/train.json", "data_root": "/data/msrvtt/videos"},)'
 
 Takes ~20 s on 2 CPU cores with the defaults; prints batch shapes, examples/s and skip counts,
 and writes runs/data/batch.png.
@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.data.batch_size = 8
   c.data.seed = 0
   c.data.num_workers = a.workers
-  c.data.corpora = []       # [{"format": json|csv|array_record|tfds, "path": ..., "data_root": ..., "weight": 1.0}]
+  c.data.corpora = ()       # ({"format": json|csv|array_record|tfds, "path": ..., "data_root": ..., "weight": 1.0},)
   c.data.load = {"mask": "random", "audio": False, "caption_field": "captions", "max_txt_l": 32}
   if a.stage == "stage1":
     c.data.load = {"num_frames": 16}

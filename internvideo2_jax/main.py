@@ -24,6 +24,7 @@ flags.DEFINE_string("workdir", "runs/default", "Where outputs, logs and checkpoi
 JOBS = {
     "features": "internvideo2_jax.evaluate.features",
     "inspect_data": "internvideo2_jax.data.inspect",
+    "train_stage2": "internvideo2_jax.train.stage2",
 }
 
 

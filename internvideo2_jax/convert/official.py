@@ -262,3 +262,57 @@ def _checked(key, value, shape):
 def _abbrev(items: list[str], limit: int = 12) -> str:
   shown = ", ".join(items[:limit])
   return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def _linear_pair(key, kernel_path, out_dim, in_dim):
+  return [(f"{key}.weight", kernel_path + ("kernel",), (out_dim, in_dim), lambda w: w.T, lambda k: k.T),
+          (f"{key}.bias", kernel_path + ("bias",), (out_dim,), lambda b: b, lambda b: b)]
+
+
+def _stage2_head_rules(cfg):
+  v, t = cfg.vision, cfg.text
+  e = int(cfg.embed_dim)
+  return (_linear_pair("vision_proj", ("vision_proj",), e, v.clip_embed_dim)
+          + _linear_pair("text_proj", ("text_proj",), e, t.hidden_size)
+          + _linear_pair("itm_head", ("itm_head",), 2, t.hidden_size)
+          + [("temp", ("temp",), (), lambda x: x, lambda x: x)])
+
+
+def stage2_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
+                           checkpoint_num_frames: Optional[int] = None) -> dict:
+  """Official stage-2 checkpoint (`vision_encoder.*`, `text_encoder.bert.*`, `text_encoder.cls.*`,
+  `vision_proj`, `text_proj`, `itm_head`, `temp`) -> `{'params': ...}` of Stage2Model(config)."""
+  from internvideo2_jax.convert.bert import bert_from_state_dict
+  sd = strip_prefix(state_dict, "module.")
+  vision = vision_from_state_dict({k: v for k, v in sd.items() if k.startswith("vision_encoder.")},
+                                  config.vision, checkpoint_num_frames=checkpoint_num_frames)
+  text = bert_from_state_dict({k[len("text_encoder."):]: v for k, v in sd.items()
+                               if k.startswith("text_encoder.")}, config.text)
+  params = {"vision_encoder": vision["params"], "text_encoder": text}
+  missing = []
+  for key, path, shape, to_ours, _ in _stage2_head_rules(config):
+    if key not in sd:
+      missing.append(key)
+      continue
+    value = np.asarray(sd[key], np.float32)
+    if value.shape != shape:
+      missing.append(f"{key} (shape {value.shape}, expected {shape})")
+      continue
+    _set(params, path, to_ours(value))
+  if missing:
+    raise CheckpointError(f"stage-2 checkpoint: missing or mis-shaped heads: {', '.join(missing)}")
+  return {"params": params}
+
+
+def stage2_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
+  """Stage2Model params -> the official stage-2 key layout."""
+  from internvideo2_jax.convert.bert import bert_to_state_dict
+  tree = params.get("params", params)
+  out = {f"vision_encoder.{k}": v for k, v in vision_to_state_dict(tree["vision_encoder"], config.vision).items()}
+  out.update({f"text_encoder.{k}": v for k, v in bert_to_state_dict(tree["text_encoder"], config.text).items()})
+  for key, path, _, _, to_official in _stage2_head_rules(config):
+    out[key] = np.asarray(to_official(np.asarray(_get(tree, path), np.float32)))
+  return out

@@ -30,8 +30,8 @@ def run(config, workdir: str) -> dict:
   data = config.data
   if not data.corpora:
     paths = synthetic.write_corpus(os.path.join(workdir, "synthetic"), train=32, val=0, seed=config.seed)
-    data.corpora = [{"format": "json", "path": paths["train"],
-                     "data_root": os.path.join(workdir, "synthetic")}]
+    data.corpora = ({"format": "json", "path": paths["train"],
+                     "data_root": os.path.join(workdir, "synthetic")},)
     print(f"no corpora configured: wrote a synthetic corpus to {workdir}/synthetic")
   rows = collections.Counter()
   ds = pipeline.make_pipeline(data, config.model, stage=config.stage, train=config.train,

@@ -51,6 +51,7 @@ class LoadSpec:
   patch_size: int = 14
   tubelet_size: int = 1
   min_frames: int = 1             # videos with fewer decodable frames are skipped
+  sample_id: str = "media"        # media | caption: what makes two examples VTC positives
   train: bool = True
 
   def grid(self, frames: int) -> tuple[int, int, int]:
@@ -63,31 +64,41 @@ def _open(rec) -> VideoFile:
   return VideoFile(src, name=rec["path"] or rec["key"])
 
 
-def _frames(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> np.ndarray:
-  squash = spec.crop == "squash" or not spec.train
-  size = (spec.size, spec.size) if squash else None
+def _indices(spec: LoadSpec, vlen: int, rng: np.random.Generator, fps: float = 30.0) -> list[int]:
+  if spec.sample == "segments":
+    return segment_indices(spec.num_frames, vlen, rng=rng, test=not spec.train)
+  return frame_indices(spec.num_frames, vlen, spec.sample, rng=rng, input_fps=fps)
+
+
+def _decode(rec: dict, spec: LoadSpec, rng: np.random.Generator, size) -> np.ndarray:
+  """The sampled frames of a record, from its decoded cache or by seeking in the file."""
+  if rec.get("frames") is not None:  # decoded once (sources.cache_frames)
+    cached = rec["frames"]
+    if rec["media"] == "image":
+      return np.repeat(cached[:1], spec.image_frames, axis=0)
+    clip = cached[_indices(spec, len(cached), rng)]
+    return clip if size is None else transforms.resize(clip, *size)
   with _open(rec) as v:
     if rec["media"] == "image":
-      clip = v.read([0], size=size)
-      clip = np.repeat(clip, spec.image_frames, axis=0)
-    else:
-      n = v.num_frames()
-      start, end = 0, n
-      if rec["start_frame"] >= 0 or rec["end_frame"] >= 0:
-        start = max(rec["start_frame"], 0)
-        end = min(rec["end_frame"], n) if rec["end_frame"] >= 0 else n
-      elif rec["start_time"] >= 0 and v.fps:
-        start = int(rec["start_time"] * v.fps)
-        end = min(int(rec["end_time"] * v.fps), n) if rec["end_time"] >= 0 else n
-      vlen = end - start
-      if vlen < spec.min_frames:
-        raise SkipExample("short_clip", f"{v.name}: clip has {vlen} frames "
-                                        f"(window {start}..{end}), need {spec.min_frames}")
-      if spec.sample == "segments":
-        idx = segment_indices(spec.num_frames, vlen, rng=rng, test=not spec.train)
-      else:
-        idx = frame_indices(spec.num_frames, vlen, spec.sample, rng=rng, input_fps=v.fps or 30.0)
-      clip = v.read([start + i for i in idx], size=size)
+      return np.repeat(v.read([0], size=size), spec.image_frames, axis=0)
+    n = v.num_frames()
+    start, end = 0, n
+    if rec["start_frame"] >= 0 or rec["end_frame"] >= 0:
+      start = max(rec["start_frame"], 0)
+      end = min(rec["end_frame"], n) if rec["end_frame"] >= 0 else n
+    elif rec["start_time"] >= 0 and v.fps:
+      start = int(rec["start_time"] * v.fps)
+      end = min(int(rec["end_time"] * v.fps), n) if rec["end_time"] >= 0 else n
+    vlen = end - start
+    if vlen < spec.min_frames:
+      raise SkipExample("short_clip", f"{v.name}: clip has {vlen} frames "
+                                      f"(window {start}..{end}), need {spec.min_frames}")
+    return v.read([start + i for i in _indices(spec, vlen, rng, v.fps or 30.0)], size=size)
+
+
+def _frames(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> np.ndarray:
+  squash = spec.crop == "squash" or not spec.train
+  clip = _decode(rec, spec, rng, (spec.size, spec.size) if squash else None)
   if squash:
     return clip
   flip = spec.flip and rec["source"] not in spec.no_flip_sources

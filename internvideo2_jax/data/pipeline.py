@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import zlib
 from typing import Optional
 
 import grain
@@ -42,9 +43,17 @@ BATCH_SPEC = {
     "mask": ("(B, N)", "bool", "2 (mask on)", "True = token dropped (random / tube)"),
     "skipped": ("(B, R)", "int32", "all", f"replaced bad records per reason {REASONS}"),
     "index": ("(B,)", "int64", "all", "global example index (for resume checks)"),
+    "sample_id": ("(B,)", "int32", "all", "VTC positives share it (media or caption hash)"),
 }
 
 _logged_keys: set = set()
+
+
+def _sample_id(rec: dict, spec: LoadSpec) -> np.int32:
+  """VTC positives: the same media (official `idx`), or with sample_id="caption" the same first
+  caption (useful when many clips share a caption, as in the synthetic corpus)."""
+  key = rec["key"] if spec.sample_id == "media" else (rec["captions"] or [rec["key"]])[0]
+  return np.int32(zlib.crc32(key.encode("utf-8", "replace")) & 0x7FFFFFFF)
 
 
 class RobustLoad(grain.MapDataset):
@@ -82,6 +91,7 @@ class RobustLoad(grain.MapDataset):
       else:
         example["skipped"] = skipped
         example["index"] = np.int64(index)
+        example["sample_id"] = _sample_id(rec, self._spec)
         return example
       skipped[REASONS.index(last.reason)] += 1
       key = str(last).split(":")[0]

@@ -30,6 +30,7 @@ import os
 from typing import Any, Iterable, Optional, Sequence
 
 import msgpack
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ RECORD_DEFAULTS = dict(key="", media="video", path="", data=b"", captions=[], ca
 
 
 def make_record(**fields) -> dict:
-  unknown = sorted(set(fields) - set(RECORD_DEFAULTS))
+  unknown = sorted(set(fields) - set(RECORD_DEFAULTS) - {"frames"})
   if unknown:
     raise ValueError(f"unknown record fields {unknown}")
   rec = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
@@ -242,6 +243,9 @@ def open_corpus(cfg, skipped: Optional[collections.Counter] = None):
     raise ValueError(f"corpus config needs a 'path': {cfg}")
   cfg = _Attr(cfg)
   fmt = cfg.get("format", "json")
+  if cfg.get("cache_frames"):  # decode once into RAM (small corpora, e.g. the CPU demo)
+    inner = dict(cfg, cache_frames=0)
+    return cache_frames(open_corpus(inner, skipped), int(cfg["cache_frames"]))
   if fmt == "json":
     return RecordList(load_json(cfg.path, data_root=cfg.get("data_root", ""),
                                 audio_root=cfg.get("audio_root", ""), source=cfg.get("source", ""),
@@ -259,6 +263,32 @@ def open_corpus(cfg, skipped: Optional[collections.Counter] = None):
 
 class _Attr(dict):
   __getattr__ = dict.__getitem__
+
+
+def cache_frames(records, size: int, *, max_frames: int = 64, progress: bool = True) -> "RecordList":
+  """Decodes every record once into uint8 frames (size x size, squash) kept in memory, so
+  training reads RAM instead of decoding (for small corpora such as the CPU demo's). Records
+  that cannot be decoded are dropped and reported."""
+  from internvideo2_jax.data.video import VideoFile, VideoReadError
+  out, failed = [], []
+  n = len(records)
+  for i in range(n):
+    rec = dict(records[i])
+    try:
+      with VideoFile(rec["data"] or rec["path"], name=rec["path"] or rec["key"]) as v:
+        count = 1 if rec["media"] == "image" else v.num_frames()
+        idx = list(range(count)) if count <= max_frames else \
+            [int(j) for j in np.linspace(0, count - 1, max_frames).round()]
+        rec["frames"] = v.read(idx, size=(size, size))
+        rec["data"] = b""
+      out.append(rec)
+    except (VideoReadError, ValueError) as e:
+      failed.append(str(e))
+    if progress and (i + 1) % 200 == 0:
+      print(f"  decoded {i + 1}/{n} clips", flush=True)
+  if failed:
+    log.warning("cache_frames: %d records could not be decoded, e.g. %s", len(failed), failed[0])
+  return RecordList(out, f"cached({n})")
 
 
 def iter_records(sources: Iterable) -> Iterable[dict]:

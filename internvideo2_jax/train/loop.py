@@ -1,0 +1,237 @@
+"""The training loop (stage 2 now; stage 1 plugs into the same loop).
+
+    mesh -> model + sharded init (+ pretrained towers) -> optimizer/state -> resume from the
+    workdir -> AOT compile with a memory report -> steps with metrics, evals, checkpoints
+
+SIGTERM (preemption, `kill`) finishes the current step, saves a checkpoint including the data
+iterator position, and exits cleanly; the next run with the same workdir resumes exactly there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from internvideo2_jax.data.pipeline import skip_summary
+from internvideo2_jax.parallel import sharding
+from internvideo2_jax.train import optimizer as opt_lib, state as state_lib
+from internvideo2_jax.train.checkpoint import Checkpointer
+from internvideo2_jax.train.flops import peak_flops
+from internvideo2_jax.train.metrics import MetricWriter
+
+log = logging.getLogger(__name__)
+
+DEVICE_KEYS = ("video", "mask", "text_ids", "text_mask", "sample_id", "audio", "has_audio", "label")
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a stage provides to the loop."""
+  mesh: Any
+  rules: Any
+  state: state_lib.TrainState
+  tx: optax.GradientTransformation
+  step_fn: Callable                     # pure (state, batch, rng, num_visible) -> (state, metrics)
+  data: Any                             # grain dataset of host batches
+  flops_per_step: Callable[[dict], float]  # host batch -> FLOPs of one step
+  evaluate: Optional[Callable[[Any], dict]] = None   # params -> {name: scalar}
+  finish: Optional[Callable[[Any, str], None]] = None  # (params, workdir) after training
+
+
+class _Preempted:
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some test runners): no handler
+      self._old = None
+    return self
+
+  def _handle(self, *_):
+    print("SIGTERM: finishing this step, saving a checkpoint, then exiting", flush=True)
+    self.flag = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def device_batch(host: dict, mesh) -> dict:
+  arrays = {k: (v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in host.items() if k in DEVICE_KEYS}
+  return sharding.shard_batch(arrays, mesh)
+
+
+def _num_visible(host: dict) -> Optional[int]:
+  if "mask" not in host:
+    return None
+  return int((~host["mask"][0]).sum())
+
+
+def memory_report(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend reports
+    return "memory analysis unavailable on this backend"
+  if m is None:
+    return "memory analysis unavailable on this backend"
+  gib = 2 ** 30
+  fields = [("arguments", "argument_size_in_bytes"), ("outputs", "output_size_in_bytes"),
+            ("temporaries", "temp_size_in_bytes"), ("generated code", "generated_code_size_in_bytes")]
+  return "per-device memory: " + ", ".join(
+      f"{name} {getattr(m, attr, 0) / gib:.3f} GiB" for name, attr in fields)
+
+
+def train(cfg, workdir: str, setup: Setup) -> dict:
+  """Runs (or resumes) training; returns the last eval results."""
+  tc = cfg.train
+  mesh, rules = setup.mesh, setup.rules
+  writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(tc.get("keep_checkpoints", 2)),
+                      async_save=bool(tc.get("async_checkpoints", True)))
+  state = setup.state
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  it = iter(setup.data)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, start = ckpt.restore(state, it)
+    print(f"resumed from {ckpt.directory} at step {start} (data iterator restored)", flush=True)
+  repl = NamedSharding(mesh, P())
+  compiled = {}
+  compile_time = [0.0]  # excluded from the throughput numbers
+  rng = jax.random.key(int(cfg.seed))
+  peak = peak_flops(tc.get("peak_tflops"))
+
+  def get_step(host):
+    batch = device_batch(host, mesh)
+    nv = _num_visible(host)
+    key = (tuple((k, v.shape) for k, v in sorted(batch.items())), nv)
+    if key not in compiled:
+      batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+      jitted = jax.jit(functools.partial(setup.step_fn, num_visible=nv),
+                       in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, None),
+                       donate_argnums=(0,))
+      t0 = time.perf_counter()
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        lowered = jitted.lower(state, batch, rng)
+        exe = lowered.compile()
+      dt = time.perf_counter() - t0
+      compile_time[0] += dt
+      print(f"compiled the step for {dict((k, v.shape) for k, v in batch.items())} in "
+            f"{dt:.1f}s; {memory_report(exe)}", flush=True)
+      compiled[key] = exe
+    return compiled[key], batch
+
+  try:
+    return _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time)
+  finally:
+    writer.close()
+    ckpt.close()
+
+
+def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time):
+  tc = cfg.train
+  total = int(tc.total_steps)
+  log_every, eval_every = int(tc.log_every), int(tc.get("eval_every", 0))
+  ckpt_every = int(tc.get("checkpoint_every", 0))
+  results = {}
+  acc = None
+  t_log, n_log, flops_log, log_start = time.perf_counter(), 0, 0.0, start
+  with _Preempted() as pre:
+    step = start
+    while step < total and not pre.flag:
+      host = next(it)
+      exe, batch = get_step(host)
+      state, metrics = exe(state, batch, rng)
+      acc = metrics if acc is None else acc.merge(metrics)
+      step += 1
+      n_log += len(host["video"])
+      flops_log += setup.flops_per_step(host)
+      if step % log_every == 0 or step == total:
+        values = {k: float(v) for k, v in acc.compute().items()}
+        dt = time.perf_counter() - t_log - compile_time[0]
+        compile_time[0] = 0.0
+        values.update(samples_per_s=n_log / dt, step_time_s=dt / max(step - log_start, 1))
+        values["tflops_per_s"] = flops_log / dt / 1e12
+        if peak:
+          values["mfu"] = flops_log / dt / peak
+        skipped = skip_summary(host)
+        values.update({f"data_skipped/{k}": v for k, v in skipped.items()})
+        writer.write(step, values, prefix="train/")
+        acc, t_log, n_log, flops_log, log_start = None, time.perf_counter(), 0, 0.0, step
+      if setup.evaluate and eval_every and step % eval_every == 0 and step < total:
+        results = _evaluate(setup, state, writer, step)
+        t_log, n_log, flops_log, log_start = time.perf_counter(), 0, 0.0, step
+        acc = None
+      if ckpt_every and step % ckpt_every == 0:
+        ckpt.save(step, state, it, cfg)
+    ckpt.wait()
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, it, cfg, force=True)
+      ckpt.wait()
+    if pre.flag:
+      print(f"saved step {step} to {ckpt.directory}; exiting after SIGTERM", flush=True)
+      return {"preempted_at": step}
+  if setup.evaluate:
+    results = _evaluate(setup, state, writer, step)
+  if setup.finish:
+    setup.finish(state.params, workdir)
+  results["step"] = step
+  return results
+
+
+def _evaluate(setup: Setup, state, writer: MetricWriter, step: int) -> dict:
+  t0 = time.perf_counter()
+  res = setup.evaluate(state.params)
+  flat = {k: v for k, v in _flatten(res).items() if isinstance(v, (int, float))}
+  flat["eval_time_s"] = time.perf_counter() - t0
+  writer.write(step, flat, prefix="eval/")
+  return res
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def init_state(init_fn: Callable, mesh, rules, tx_factory: Callable, *, freeze=(), unfreeze=(),
+               load: Optional[Callable[[dict], dict]] = None):
+  """Sharded init -> optional weight loading -> optimizer over the trainable subset -> state.
+
+  `load(params_numpy_inner) -> params_inner` replaces parts with pretrained weights.
+  Returns (state, tx, trainable keys).
+  """
+  params, shardings = sharding.init_sharded(init_fn, mesh, rules)
+  params = nn.unbox(params)
+  if load is not None:
+    inner = load(jax.tree.map(np.asarray, params["params"]))
+    params = jax.device_put({"params": inner}, nn.unbox(shardings))
+  flat = opt_lib.flatten(params["params"])
+  trainable = opt_lib.trainable_keys(flat, freeze, unfreeze)
+  if not trainable:
+    raise ValueError("every parameter is frozen (check freeze_* / unfreeze_keys)")
+  tx = tx_factory({k: flat[k] for k in trainable})
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda p: state_lib.create(p, tx, trainable))(params["params"])
+  return state, tx, trainable
+
+
+__all__ = ["Setup", "train", "init_state", "device_batch", "memory_report"]

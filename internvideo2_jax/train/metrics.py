@@ -1,0 +1,47 @@
+"""Metric writers: console, JSONL and TensorBoard event files (tensorboardX, no TensorFlow).
+
+Aggregation over steps uses `clu.metrics` collections (see train/stage2.py); this module only
+writes the computed scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping
+
+
+class MetricWriter:
+  def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._jsonl = open(self.jsonl_path, "a")
+    self.tb_dir = os.path.join(workdir, "tensorboard")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(self.tb_dir)
+    self._console = console
+
+  def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+    vals = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **vals}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in vals.items():
+        self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
+    if self._console:
+      print(f"[{step:>6}] " + "  ".join(f"{k}={_fmt(v)}" for k, v in vals.items()), flush=True)
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _fmt(v: float) -> str:
+  if v == 0 or 1e-3 <= abs(v) < 1e5:
+    return f"{v:.4g}"
+  return f"{v:.3e}"

@@ -1,0 +1,252 @@
+"""The stage-2 objectives and step: VTC (gathered over the mesh), VTM with hard negatives,
+MLM, weighted by `config.loss`.
+
+`make_step` returns a pure `(state, batch, rng) -> (state, metrics)`; the loop jits it with
+shardings and donation. Batches are global arrays (see data/pipeline.BATCH_SPEC).
+"""
+
+
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics as clu_metrics
+import flax.struct
+import time
+
+from internvideo2_jax.data.transforms import normalize
+from internvideo2_jax.models.stage2 import TEMP_MAX, TEMP_MIN, Stage2Model
+from internvideo2_jax.ops import losses as L
+from internvideo2_jax.train.state import TrainState, apply_gradients
+
+LOSSES = ("vtc", "vtm", "mlm")
+
+
+# (No `from __future__ import annotations` in this module: clu reads these annotations as
+# classes at runtime.)
+@flax.struct.dataclass
+class Stage2Metrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  vtc: clu_metrics.Average.from_output("vtc")
+  vtm: clu_metrics.Average.from_output("vtm")
+  mlm: clu_metrics.Average.from_output("mlm")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  temp: clu_metrics.LastValue.from_output("temp")
+  lr: clu_metrics.LastValue.from_output("lr")
+  skipped_updates: clu_metrics.LastValue.from_output("skipped_updates")
+
+
+def stage2_losses(model: Stage2Model, params, batch, rng, cfg, *, num_visible, groups: int,
+                  vtc_mult: float) -> dict:
+  """Per-objective losses (unweighted) of one batch."""
+  k_drop_v, k_drop_t, k_neg, k_mlm, k_drop_f, k_drop_m = jax.random.split(rng, 6)
+  p = {"params": params}
+  vdtype = model.config.vision.dtype
+  video = normalize(batch["video"], cfg.data_norm, jnp.dtype(vdtype))
+  mask = batch.get("mask")
+  x_vis, v_feat = model.apply(p, video, mask, num_visible, method=Stage2Model.encode_vision,
+                              rngs={"dropout": k_drop_v})
+  ids, tmask = batch["text_ids"], batch["text_mask"]
+  hidden, t_feat = model.apply(p, ids, tmask, method=Stage2Model.encode_text, rngs={"dropout": k_drop_t})
+  temp = model.apply(p, method=Stage2Model.get_temp)
+  v, t = L.l2_normalize(v_feat), L.l2_normalize(t_feat)
+  sid = batch["sample_id"]
+  w = cfg.loss
+  out = {}
+  if w.vtc:
+    out["vtc"] = L.vtc_loss(v, t, sid, temp) * vtc_mult
+  if w.vtm:
+    neg_t, neg_v = L.hard_negatives(k_neg, jax.lax.stop_gradient(v), jax.lax.stop_gradient(t), sid,
+                                    jax.lax.stop_gradient(temp), groups)
+    text_h = jnp.concatenate([hidden, hidden, hidden[neg_t]])
+    text_m = jnp.concatenate([tmask, tmask, tmask[neg_t]])
+    memory = jnp.concatenate([x_vis, x_vis[neg_v], x_vis])
+    logits = model.apply(p, text_h, text_m, memory, method=Stage2Model.itm_logits,
+                         rngs={"dropout": k_drop_f})
+    out["vtm"] = L.cross_entropy(logits, L.itm_labels(ids.shape[0]))
+  if w.mlm:
+    tc = model.config.text
+    masked, targets, chosen = L.mlm_mask(k_mlm, ids, vocab_size=tc.vocab_size,
+                                         mask_token_id=cfg.mask_token_id, pad_token_id=tc.pad_token_id,
+                                         cls_token_id=cfg.cls_token_id, prob=cfg.mlm_prob)
+    pos, valid = L.select_positions(chosen, cfg.mlm_max_positions)
+    logits = model.apply(p, masked, tmask, x_vis, pos, method=Stage2Model.mlm_logits,
+                         rngs={"dropout": k_drop_m})
+    out["mlm"] = L.cross_entropy(logits, jnp.take_along_axis(targets, pos, axis=1),
+                                 valid.astype(jnp.float32))
+  out["temp"] = temp
+  return out
+
+
+def make_step(model: Stage2Model, tx: optax.GradientTransformation, cfg, *, groups: int,
+              vtc_mult: float, lr_fn=None):
+  """The pure train step `(state, batch, rng, num_visible) -> (state, metrics)`; the loop jits it
+  with shardings and donation (`num_visible` is static: a mask ratio gives a fixed count)."""
+  weights = {k: float(cfg.loss.get(k, 0.0)) for k in LOSSES}
+
+  def step(state: TrainState, batch, rng, num_visible=None):
+    rng = jax.random.fold_in(rng, state.step)
+    train, frozen = state.split()
+
+    def loss_fn(train_params):
+      params = TrainState.merge(train_params, frozen)
+      parts = stage2_losses(model, params, batch, rng, cfg, num_visible=num_visible,
+                            groups=groups, vtc_mult=vtc_mult)
+      total = sum(weights[k] * parts[k] for k in LOSSES if k in parts)
+      return total, parts
+
+    (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(train)
+    gnorm = optax.global_norm(grads)
+    ok = jnp.isfinite(total) & jnp.isfinite(gnorm)
+
+    def clamp_temp(p):  # the official clamp_ acts on the stored parameter
+      if "temp" in p:
+        p = dict(p, temp=jnp.clip(p["temp"], TEMP_MIN, TEMP_MAX))
+      return p
+
+    new_state = apply_gradients(state, tx, grads, ok=ok, post_update=clamp_temp)
+    zero = jnp.zeros((), jnp.float32)
+    metrics = Stage2Metrics.single_from_model_output(
+        loss=total, vtc=parts.get("vtc", zero), vtm=parts.get("vtm", zero),
+        mlm=parts.get("mlm", zero), grad_norm=gnorm, temp=parts["temp"],
+        lr=lr_fn(state.step) if lr_fn is not None else zero,
+        skipped_updates=new_state.skipped)
+    return new_state, metrics
+
+  return step
+
+
+__all__ = ["Stage2Metrics", "stage2_losses", "make_step", "LOSSES"]
+
+
+# ----------------------------------------------------------------------------- the stage-2 job
+
+
+def build_model_config(mc):
+  """Model config from the job config: vision preset + text tower (preset or HF directory)."""
+  from internvideo2_jax.convert import bert as bert_conv
+  from internvideo2_jax.models.stage2 import stage2_config
+  from internvideo2_jax.models.text import text_preset
+  vision = mc.vision
+  if mc.text_init:
+    d = bert_conv.minilm_dir() if mc.text_init == "minilm" else mc.text_init
+    text = bert_conv.hf_text_config(d, fusion_layer=mc.text.fusion_layer, num_layers=mc.text.num_layers,
+                                    encoder_width=vision.embed_dim, dtype=mc.text.dtype,
+                                    remat_policy=mc.text.remat_policy)
+  else:
+    text = text_preset("bert-base", **mc.text.to_dict())
+  return stage2_config(vision, text, embed_dim=mc.embed_dim, temp=mc.temp)
+
+
+def run(config, workdir: str) -> dict:
+  """Stage-2 training job (main job of the README)."""
+  import ml_collections
+  import numpy as np
+  from internvideo2_jax.convert import bert as bert_conv
+  from internvideo2_jax.convert.io import load_state_dict
+  from internvideo2_jax.convert.official import vision_from_state_dict
+  from internvideo2_jax.data import pipeline, synthetic, text as text_lib
+  from internvideo2_jax.data.loader import LoadSpec
+  from internvideo2_jax.evaluate import retrieval
+  from internvideo2_jax.parallel import mesh as mesh_lib, rules as rules_lib
+  from internvideo2_jax.train import flops, loop, optimizer as opt_lib
+  import os
+
+  os.makedirs(workdir, exist_ok=True)
+  data = config.data
+  if data.get("synthetic_dir"):
+    root = data.synthetic_dir
+    if not os.path.exists(os.path.join(root, "val.json")):
+      print(f"writing the synthetic corpus to {root} ...", flush=True)
+      synthetic.write_corpus(root, train=int(data.synthetic_train), val=int(data.synthetic_val),
+                             seed=int(config.seed), num_frames=16, size=int(data.synthetic_size))
+  mcfg = build_model_config(config.model)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  rules = rules_lib.rules_from_config(config.get("sharding_rules", {}).to_dict()
+                                      if config.get("sharding_rules") else None)
+  groups = mesh.shape["data"] * mesh.shape["fsdp"]
+  mesh_lib.global_batch_size_ok(mesh, int(data.batch_size))
+  train_model = Stage2Model(mcfg, deterministic=False)
+  eval_model = Stage2Model(mcfg, deterministic=True)
+  v = mcfg.vision
+  t_len = int(data.load.max_txt_l)
+  dummy_video = jnp.zeros((1, v.num_frames, v.img_size, v.img_size, 3), jnp.float32)
+  dummy_ids = jnp.ones((1, t_len), jnp.int32)
+  init_fn = lambda: train_model.init({"params": jax.random.key(config.seed), "dropout": jax.random.key(1)},  # noqa: E731
+                                     dummy_video, dummy_ids, dummy_ids)
+
+  def load(inner):
+    if config.model.text_init:
+      d = bert_conv.minilm_dir() if config.model.text_init == "minilm" else config.model.text_init
+      inner["text_encoder"] = bert_conv.load_hf_bert(d, mcfg.text, inner["text_encoder"])
+      print(f"text tower initialised from {d}", flush=True)
+    if config.model.get("vision_init"):
+      sd = load_state_dict(config.model.vision_init)
+      inner["vision_encoder"] = vision_from_state_dict(sd, mcfg.vision, strict=False)["params"]
+      print(f"vision tower initialised from {config.model.vision_init}", flush=True)
+    return inner
+
+  freeze, unfreeze = opt_lib.freeze_patterns(config.model)
+  oc = config.optimizer
+  state, tx, trainable = loop.init_state(
+      init_fn, mesh, rules, lambda tr: opt_lib.make_optimizer(oc, tr, vision_depth=v.depth),
+      freeze=freeze, unfreeze=unfreeze, load=load)
+  lr_fn = opt_lib.lr_schedule(float(oc.lr), int(oc.total_steps), int(oc.warmup_steps),
+                              float(oc.get("min_lr_multi", 0.01)), oc.get("schedule", "cosine"))
+  tok = text_lib.load_tokenizer(data.load.get("tokenizer", ""))
+  tcfg = ml_collections.ConfigDict(dict(config.train.to_dict(), data_norm=data.get("norm", "imagenet"),
+                                        mask_token_id=tok.mask_token_id, cls_token_id=tok.cls_token_id))
+  from internvideo2_jax.ops.losses import vtc_scale
+  step_fn = make_step(train_model, tx, tcfg, groups=groups,
+                      vtc_mult=vtc_scale(config.train.vtc_scale, groups), lr_fn=lr_fn)
+  ds = pipeline.make_pipeline(data, mcfg.vision, stage="stage2")
+  print(f"model: vision {sum_params(state.params, 'vision_encoder'):,} + text "
+        f"{sum_params(state.params, 'text_encoder'):,} parameters; training {len(trainable)} of "
+        f"{len(opt_lib.flatten(state.params))} tensors; mesh {dict(mesh.shape)}", flush=True)
+
+  eval_fn = None
+  if config.eval.corpus.get("path") or (data.get("synthetic_dir") and config.eval.get("synthetic", True)):
+    spec = LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size,
+                    tubelet_size=v.tubelet_size, max_txt_l=int(config.eval.max_txt_l))
+    corpus = config.eval.corpus.to_dict()
+    if not corpus.get("path"):
+      corpus.update(path=os.path.join(data.synthetic_dir, "val.json"), data_root=data.synthetic_dir)
+    rset = retrieval.load_retrieval_set(corpus, spec, caption_field=config.eval.get("caption_field", "captions"))
+    print(f"eval: {len(rset.videos)} held-out videos, {len(rset.texts)} captions", flush=True)
+
+    def eval_fn(params):
+      enc = retrieval.Encoder(eval_model, params, mesh, batch_size=int(config.eval.batch_size),
+                              norm=data.get("norm", "imagenet"))
+      return retrieval.evaluate_retrieval(enc, rset, tokenizer=tok, max_txt_l=int(config.eval.max_txt_l),
+                                          k_test=int(config.eval.k_test))
+
+  def flops_per_step(host):
+    vis = int((~host["mask"][0]).sum()) if "mask" in host else int(np.prod(host["video"].shape[1:4])) // (
+        v.tubelet_size * v.patch_size ** 2)
+    return flops.stage2_train_flops(ml_collections.ConfigDict({"model": mcfg, "train": config.train}),
+                                    batch=len(host["video"]), frames=host["video"].shape[1],
+                                    visible_tokens=vis, text_len=host["text_ids"].shape[1])
+
+  def finish(params, wd):
+    from internvideo2_jax.convert.official import stage2_to_state_dict
+    from internvideo2_jax.convert.io import save_state_dict
+    path = os.path.join(wd, "export", "stage2_official_layout.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_state_dict(stage2_to_state_dict(jax.tree.map(np.asarray, params), mcfg), path)
+    print(f"exported the weights in the official key layout: {path}", flush=True)
+
+  setup = loop.Setup(mesh=mesh, rules=rules, state=state, tx=tx, step_fn=step_fn, data=ds,
+                     flops_per_step=flops_per_step, evaluate=eval_fn, finish=finish)
+  t0 = time.perf_counter()
+  results = loop.train(config, workdir, setup)
+  elapsed = time.perf_counter() - t0
+  if "match" in results:
+    print(f"\nheld-out retrieval after {results['step']} steps ({elapsed / 60:.1f} min):")
+    print(retrieval.format_table(results))
+    retrieval.save_json(results, os.path.join(workdir, "eval_results.json"))
+  print(f"\nTensorBoard logs: {os.path.join(workdir, 'tensorboard')}  (tensorboard --logdir {workdir})")
+  print(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}; checkpoints: {os.path.join(workdir, 'checkpoints')}")
+  return results
+
+
+def sum_params(params, prefix: str) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params.get(prefix, {}))))
