@@ -50,6 +50,7 @@ def get_config(arg=None):
             "caption_field": "captions", "sample": "rand", "crop": "rrc"}
   d.synthetic_dir = ""      # if set: write the synthetic corpus there when it is missing
   d.synthetic_train, d.synthetic_val, d.synthetic_size = 1500, 96, 32
+  d.synthetic_radius = (0.12, 0.2)
   d.read_threads = 1
 
   t = c.train = ml_collections.ConfigDict()
@@ -76,6 +77,7 @@ def get_config(arg=None):
   o.max_grad_norm = 3.0
   o.grad_accum_steps = 1
   o.layer_decay = 1.0
+  o.lr_mult = ()            # ((regex, multiplier), ...), e.g. (("^text_encoder/", 0.1),)
 
   e = c.eval = ml_collections.ConfigDict()
   e.corpus = ml_collections.ConfigDict({"format": "json", "path": "", "data_root": ""})  # "" = no eval
@@ -85,16 +87,21 @@ def get_config(arg=None):
   e.caption_field = "captions"
 
   if a.size == "demo":
-    # A small tubelet-2 ViT learns the direction of motion quickly (demo_feasibility.md);
-    # the MiniLM text tower is cut to 3 layers (2 text + 1 fusion) to fit 2 CPU cores.
+    # A small tubelet-2 ViT learns the direction of motion quickly (demo_feasibility.md).
+    # Text: all 6 MiniLM layers form the text part (its [CLS] only becomes informative at the
+    # last layer), frozen so no gradient flows through them on 2 CPU cores, plus one fresh
+    # fusion layer with cross-attention; text_proj, the fusion layer and the ITM head train.
     m.vision = vit_preset("tiny", img_size=32, patch_size=8, embed_dim=128, depth=3, num_heads=4,
                           num_frames=4, tubelet_size=2, attn_pool_num_heads=4, clip_embed_dim=128,
                           init_values=0.1)
-    m.text = text_preset("minilm", num_layers=3, fusion_layer=2, hidden_dropout=0.0,
+    m.text = text_preset("minilm", num_layers=7, fusion_layer=6, hidden_dropout=0.0,
                          attention_dropout=0.0)
     m.text_init = "minilm"
+    m.freeze_text = True
+    m.unfreeze_keys = (r"^text_encoder/bert/encoder/fusion_layers/",)
     m.embed_dim = 128
     d.synthetic_dir = "data/synthetic"
+    d.synthetic_radius = (0.22, 0.3)  # shapes of 14-19 px: tellable apart through 8-px patches
     d.corpora = ({"format": "json", "path": "data/synthetic/train.json",
                   "data_root": "data/synthetic", "cache_frames": 32},)
     d.batch_size = 48

@@ -225,10 +225,20 @@ def load_hf_bert(directory: str, config: Any, base: Mapping) -> dict:
       break
   else:
     raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin")
-  sd = load_state_dict(path)
+  sd = _normalise_keys(load_state_dict(path))
   s = TextSpec.from_config(config)
-  sd = {k: v for k, v in _normalise_keys(sd).items()
+  have = 1 + max((int(k.split(".")[3]) for k in sd if k.startswith("bert.encoder.layer.")), default=-1)
+  sd = {k: v for k, v in sd.items()
         if not (k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= s.num_layers)}
+  if s.num_layers > have:
+    # Fusion layers appended after a pretrained text BERT (e.g. all 6 MiniLM layers as the text
+    # part, whose [CLS] only becomes informative at the last layer): they start from `base`.
+    if s.fusion_layer < have:
+      raise CheckpointError(f"{directory}: has {have} layers; extra layers must all be fusion layers "
+                            f"(fusion_layer={s.fusion_layer} < {have})")
+    base_sd = bert_to_state_dict(base, config)
+    sd.update({k: v for k, v in base_sd.items()
+               if k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= have})
   return bert_from_state_dict(sd, config, base=base, need_cross=False, need_head=False)
 
 

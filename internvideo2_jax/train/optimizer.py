@@ -102,7 +102,8 @@ def scale_by_tree(scales: Mapping[str, Any]) -> optax.GradientTransformation:
 
 def make_optimizer(cfg, trainable: Mapping[str, Any], *, vision_depth: int = 0) -> optax.GradientTransformation:
   """cfg: lr, min_lr_multi, warmup_steps, total_steps, schedule, b1, b2, eps, weight_decay,
-  no_decay (regexes), max_grad_norm (<= 0: off), grad_accum_steps, layer_decay (1.0: off).
+  no_decay (regexes), max_grad_norm (<= 0: off), grad_accum_steps, layer_decay (1.0: off),
+  lr_mult ((regex, multiplier), ...) for per-tower learning rates.
   `trainable` is the flat dict of trainable parameters the optimizer will see."""
   sched = lr_schedule(float(cfg.lr), int(cfg.total_steps), int(cfg.warmup_steps),
                       float(cfg.get("min_lr_multi", 0.01)), cfg.get("schedule", "cosine"))
@@ -113,8 +114,12 @@ def make_optimizer(cfg, trainable: Mapping[str, Any], *, vision_depth: int = 0) 
                            eps=float(cfg.get("eps", 1e-8)), weight_decay=float(cfg.weight_decay),
                            mask=decay_mask(trainable, cfg.get("no_decay", ()))))
   ld = float(cfg.get("layer_decay", 1.0))
-  if ld != 1.0:
-    parts.append(scale_by_tree(layer_decay_scales(trainable, ld, vision_depth)))
+  scales = layer_decay_scales(trainable, ld, vision_depth) if ld != 1.0 else {k: 1.0 for k in trainable}
+  for pattern, mult in cfg.get("lr_mult", ()):  # per-tower learning rates, e.g. (("^text_encoder/", 0.1),)
+    rx = re.compile(pattern)
+    scales = {k: (v * float(mult) if rx.search(k) else v) for k, v in scales.items()}
+  if any(np.any(np.asarray(v) != 1.0) for v in scales.values()):
+    parts.append(scale_by_tree(scales))
   tx = optax.chain(*parts)
   k = int(cfg.get("grad_accum_steps", 1))
   return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx

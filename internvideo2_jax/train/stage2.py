@@ -157,8 +157,11 @@ def run(config, workdir: str) -> dict:
     root = data.synthetic_dir
     if not os.path.exists(os.path.join(root, "val.json")):
       print(f"writing the synthetic corpus to {root} ...", flush=True)
+      t0 = time.perf_counter()
       synthetic.write_corpus(root, train=int(data.synthetic_train), val=int(data.synthetic_val),
-                             seed=int(config.seed), num_frames=16, size=int(data.synthetic_size))
+                             seed=int(config.seed), num_frames=16, size=int(data.synthetic_size),
+                             radius=tuple(data.get("synthetic_radius", (0.12, 0.2))))
+      print(f"  {data.synthetic_train} + {data.synthetic_val} clips in {time.perf_counter() - t0:.0f}s", flush=True)
   mcfg = build_model_config(config.model)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = rules_lib.rules_from_config(config.get("sharding_rules", {}).to_dict()
