@@ -1,6 +1,6 @@
 r"""Feature extraction with the InternVideo2 video encoder: videos -> pooled embeddings (.npz).
 
-Run (the README's first command runs this with its defaults):
+Run:
   .venv/bin/iv2 --config=configs/features.py --workdir=runs/features
   .venv/bin/iv2 --config=configs/features.py:size=1B,frames=4 --config.init_from=/ckpt/1B_stage2.pth \
       --config.data.videos='("a.mp4", "b.mp4")'

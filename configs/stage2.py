@@ -85,6 +85,10 @@ def get_config(arg=None):
   e.max_txt_l = 32
   e.batch_size = 64
   e.caption_field = "captions"
+  e.task = "retrieval"      # the `evaluate` job: retrieval | classification
+  e.weights = ""            # the `evaluate` job: official-layout weights instead of checkpoints
+  e.weights_num_frames = ml_collections.FieldReference(None, field_type=int)
+  e.checkpoint_dir = ""
 
   if a.size == "demo":
     # A small tubelet-2 ViT learns the direction of motion quickly (demo_feasibility.md).
@@ -110,10 +114,10 @@ def get_config(arg=None):
     d.load = {"mask": "none", "max_txt_l": 12, "caption_field": "captions", "sample": "rand",
               "crop": "squash", "flip": False, "sample_id": "caption"}
     t.loss = ml_collections.ConfigDict({"vtc": 1.0, "vtm": 1.0, "mlm": 0.0})
-    t.total_steps = 600
+    t.total_steps = 1000
     t.log_every = 50
-    t.eval_every = 200
-    t.checkpoint_every = 200
+    t.eval_every = 500
+    t.checkpoint_every = 250
     o.lr = 1e-3
     o.warmup_steps = 50
     o.weight_decay = 0.05

@@ -1,7 +1,7 @@
 """Command-line entry point: `iv2 --config=configs/FILE.py[:args] --workdir=DIR [--config.x=y]`.
 
-The config's `job` picks what runs. Without --config the embedded default (feature extraction
-with the tiny model on generated clips) runs.
+The config's `job` picks what runs. Without --config the embedded default runs: the stage-2 demo
+(a small model trained on a synthetic corpus it generates, then held-out retrieval).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DEFAULT_CONFIG = os.path.join(_REPO, "configs", "features.py")
+_DEFAULT_CONFIG = os.path.join(_REPO, "configs", "stage2.py")
 
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Path to an ml-collections config file.",
                                 lock_config=True)
@@ -25,6 +25,7 @@ JOBS = {
     "features": "internvideo2_jax.evaluate.features",
     "inspect_data": "internvideo2_jax.data.inspect",
     "train_stage2": "internvideo2_jax.train.stage2",
+    "evaluate": "internvideo2_jax.evaluate.run",
 }
 
 
@@ -34,8 +35,9 @@ def main(argv) -> None:
   job = config.get("job")
   if job not in JOBS:
     raise app.UsageError(f"config.job={job!r} is not a known job; known: {sorted(JOBS)}")
-  logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger("jax").setLevel(logging.WARNING)  # backend-probing chatter
+  # Our modules report at INFO; libraries (orbax, jax backend probing) only warnings.
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("internvideo2_jax").setLevel(logging.INFO)
   importlib.import_module(JOBS[job]).run(config, flags.FLAGS.workdir)
 
 

@@ -58,8 +58,8 @@ def test_features_with_official_weights_and_a_broken_file(tmp_path):
   np.testing.assert_allclose(saved["pooled"], want, atol=1e-5)
 
 
-def test_cli_runs_the_default_job(tmp_path):
-  cmd = [sys.executable, "-m", "internvideo2_jax.main", f"--workdir={tmp_path}",
+def test_cli_runs_the_features_job(tmp_path):
+  cmd = [sys.executable, "-m", "internvideo2_jax.main", "--config=configs/features.py", f"--workdir={tmp_path}",
          "--config.data.num_synthetic=3", "--config.batch_size=2"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -171,3 +171,16 @@ def test_stage2_official_round_trip_and_temperature_clamp():
   big = jax.tree.map(lambda x: x, params)
   big["params"]["temp"] = np.asarray(3.0, np.float32)
   assert float(model.apply(big, method=Stage2Model.get_temp)) == 0.5
+
+
+def test_gradient_accumulation_applies_every_k_steps():
+  params = {"a": {"kernel": jnp.ones((2,))}}
+  cfg = ml_collections.ConfigDict({"lr": 0.1, "total_steps": 10, "warmup_steps": 0, "weight_decay": 0.0,
+                                   "grad_accum_steps": 2, "schedule": "constant"})
+  tx = O.make_optimizer(cfg, {"a/kernel": params["a"]["kernel"]})
+  st = S.create(params, tx, ["a/kernel"])
+  g = {"a/kernel": jnp.ones((2,))}
+  st1 = S.apply_gradients(st, tx, g, ok=jnp.asarray(True))
+  np.testing.assert_array_equal(st1.params["a"]["kernel"], 1.0)  # first micro-batch: no update
+  st2 = S.apply_gradients(st1, tx, g, ok=jnp.asarray(True))
+  assert (np.asarray(st2.params["a"]["kernel"]) < 1.0).all()     # second: the averaged update

@@ -75,7 +75,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
   """Writes .safetensors or .npz (by extension)."""
   path = os.fspath(path)
-  arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
+  arrays = {k: np.array(v, order="C") for k, v in state_dict.items()}  # keeps 0-d scalars 0-d
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
     save_file(arrays, path)
