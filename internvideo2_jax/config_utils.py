@@ -28,3 +28,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = type(default)(value)
   return out
+
+
+def preset(kind: str, presets: dict, defaults: dict, name: str, overrides: dict) -> dict:
+  """defaults <- presets[name] <- overrides, with unknown names and keys reported."""
+  if name not in presets:
+    raise ValueError(f"unknown {kind} preset {name!r}; choose from {list(presets)}")
+  cfg = dict(defaults, **presets[name])
+  unknown = sorted(set(overrides) - set(cfg))
+  if unknown:
+    raise ValueError(f"unknown {kind} config keys {unknown}; valid keys: {sorted(cfg)}")
+  cfg.update(overrides)
+  return cfg

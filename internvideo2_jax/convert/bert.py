@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import CheckpointError, load_state_dict
+from internvideo2_jax.convert.io import CheckpointError, load_state_dict, mismatch_error
 from internvideo2_jax.models.text import TextSpec, text_preset
 
 _same = (lambda a: a, lambda a: a)
@@ -150,16 +150,10 @@ def bert_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
   unexpected = sorted(k for k in set(sd) - used
                       if not k.startswith(("bert.pooler.", "cls.predictions.decoder", "cls.seq_relationship"))
                       and k != "bert.embeddings.position_ids")
-  problems = []
-  if missing:
-    problems.append(f"missing ({len(missing)}): {', '.join(missing[:12])}")
-  if misshaped:
-    problems.append(f"wrong shape ({len(misshaped)}): {', '.join(misshaped[:12])}")
-  if unexpected and strict:
-    hint = f" (checkpoint has {max(sd_layers) + 1} layers, config num_layers={s.num_layers})" if sd_layers else ""
-    problems.append(f"unexpected ({len(unexpected)}){hint}: {', '.join(unexpected[:12])}")
-  if problems:
-    raise CheckpointError("BERT checkpoint does not match the text config:\n  " + "\n  ".join(problems))
+  hint = f" (checkpoint has {max(sd_layers) + 1} layers, config num_layers={s.num_layers})" if sd_layers else ""
+  error = mismatch_error("BERT checkpoint", missing, misshaped, unexpected if strict else (), hint)
+  if error:
+    raise error
   return params
 
 

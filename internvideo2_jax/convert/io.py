@@ -19,6 +19,23 @@ class CheckpointError(ValueError):
   """A checkpoint does not fit the model; the message lists every offending key."""
 
 
+def mismatch_error(what: str, missing, misshaped, unexpected, hint: str = "") -> CheckpointError | None:
+  """One error listing every missing, mis-shaped and unexpected key (None if all is well)."""
+  def abbrev(items, limit=12):
+    items = list(items)
+    return ", ".join(items[:limit]) + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+  problems = []
+  if missing:
+    problems.append(f"missing ({len(missing)}): {abbrev(missing)}")
+  if misshaped:
+    problems.append(f"wrong shape ({len(misshaped)}): {abbrev(misshaped)}")
+  if unexpected:
+    problems.append(f"unexpected ({len(unexpected)}){hint}: {abbrev(unexpected)}")
+  if not problems:
+    return None
+  return CheckpointError(f"{what} does not match the config:\n  " + "\n  ".join(problems))
+
+
 def unwrap(obj) -> dict:
   """Returns the inner state dict of `{'model': sd}` / `{'module': sd}` / `{'state_dict': sd}`."""
   for key in _WRAPPERS:

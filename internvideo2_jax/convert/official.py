@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import CheckpointError, strip_prefix
+from internvideo2_jax.convert.io import CheckpointError, mismatch_error, strip_prefix
 from internvideo2_jax.models.embeddings import resize_bicubic, resize_linear, resize_pos_embed
 from internvideo2_jax.models.vit import ViTSpec
 
@@ -215,19 +215,11 @@ def vision_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
     if k.startswith(_OTHER_HEADS) or (not spec.attn_pool and k.startswith("clip_projector.")):
       continue
     unexpected.append(k)
-  skipped_blocks = [k for k in unexpected if k.startswith("blocks.")
-                    and int(k.split(".")[1]) >= spec.depth]
-  problems = []
-  if missing:
-    problems.append(f"missing ({len(missing)}): {_abbrev(missing)}")
-  if misshaped:
-    problems.append(f"wrong shape ({len(misshaped)}): {_abbrev(misshaped)}")
-  if unexpected and strict:
-    hint = (f" (the checkpoint has more blocks than depth={spec.depth})" if skipped_blocks else "")
-    problems.append(f"unexpected ({len(unexpected)}){hint}: {_abbrev(unexpected)}")
-  if problems:
-    raise CheckpointError("vision encoder checkpoint does not match the config:\n  "
-                          + "\n  ".join(problems))
+  more_blocks = any(k.startswith("blocks.") and int(k.split(".")[1]) >= spec.depth for k in unexpected)
+  error = mismatch_error("vision encoder checkpoint", missing, misshaped, unexpected if strict else (),
+                         f" (the checkpoint has more blocks than depth={spec.depth})" if more_blocks else "")
+  if error:
+    raise error
   return {"params": params}
 
 
@@ -257,11 +249,6 @@ def _checked(key, value, shape):
   if value.shape != shape:
     raise CheckpointError(f"{key}: params give {value.shape}, official layout is {shape}")
   return value
-
-
-def _abbrev(items: list[str], limit: int = 12) -> str:
-  shown = ", ".join(items[:limit])
-  return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 # ----------------------------------------------------------------------------- stage 2

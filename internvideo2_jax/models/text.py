@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from internvideo2_jax.config_utils import preset
 from internvideo2_jax.models import remat
 from internvideo2_jax.models.layers import LayerNorm, Linear, gelu, param_with_axes
 from internvideo2_jax.ops.attention import dot_product_attention
@@ -48,14 +49,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def text_preset(name: str, **overrides) -> ml_collections.ConfigDict:
   """Config of a text preset (`bert-large`, `bert-base`, `minilm`, `tiny`) with overrides."""
-  if name not in _PRESETS:
-    raise ValueError(f"unknown text preset {name!r}; choose from {list(_PRESETS)}")
-  cfg = dict(_DEFAULTS, **_PRESETS[name])
-  unknown = sorted(set(overrides) - set(cfg))
-  if unknown:
-    raise ValueError(f"unknown text config keys {unknown}; valid keys: {sorted(cfg)}")
-  cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
+  return ml_collections.ConfigDict(preset("text", _PRESETS, _DEFAULTS, name, overrides))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from internvideo2_jax.config_utils import preset
 from internvideo2_jax.models import remat
 from internvideo2_jax.models.embeddings import PatchEmbed, sincos_2d, sincos_3d, sincos_1d
 from internvideo2_jax.models.heads import AttentionPoolingBlock
@@ -60,14 +61,8 @@ _DEFAULTS = dict(
 
 def vit_preset(name: str, **overrides) -> ml_collections.ConfigDict:
   """Config of a preset (`tiny`, `S`, `B`, `L`, `1B`, `6B`) with overrides applied."""
-  key = {k.lower(): k for k in _SIZES}.get(str(name).lower())
-  if key is None:
-    raise ValueError(f"unknown ViT preset {name!r}; choose from {list(_SIZES)}")
-  cfg = dict(_DEFAULTS, **_SIZES[key])
-  unknown = sorted(set(overrides) - set(cfg))
-  if unknown:
-    raise ValueError(f"unknown ViT config keys {unknown}; valid keys: {sorted(cfg)}")
-  cfg.update(overrides)
+  key = {k.lower(): k for k in _SIZES}.get(str(name).lower(), str(name))
+  cfg = preset("ViT", _SIZES, _DEFAULTS, key, overrides)
   cfg["return_layers"] = tuple(cfg["return_layers"])
   return ml_collections.ConfigDict(cfg)
 
