@@ -44,7 +44,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path):
   deadline = time.time() + 300
   for line in proc.stdout:  # wait until training is under way, then preempt
     lines.append(line)
-    if line.startswith("[     2]") or time.time() > deadline:
+    if line.startswith("[2/8") or time.time() > deadline:
       proc.send_signal(signal.SIGTERM)
       break
   rest, _ = proc.communicate(timeout=300)

@@ -99,7 +99,8 @@ def train(cfg, workdir: str, setup: Setup) -> dict:
   """Runs (or resumes) training; returns the last eval results."""
   tc = cfg.train
   mesh, rules = setup.mesh, setup.rules
-  writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)))
+  writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)),
+                        total_steps=int(tc.total_steps))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(tc.get("keep_checkpoints", 2)),
                       async_save=bool(tc.get("async_checkpoints", True)))
   state = setup.state

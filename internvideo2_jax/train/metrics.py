@@ -13,7 +13,8 @@ from typing import Mapping
 
 
 class MetricWriter:
-  def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True,
+               total_steps: int = 0):
     os.makedirs(workdir, exist_ok=True)
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._jsonl = open(self.jsonl_path, "a")
@@ -23,6 +24,7 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(self.tb_dir)
     self._console = console
+    self._total = total_steps
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
     vals = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
@@ -33,7 +35,9 @@ class MetricWriter:
         self._tb.add_scalar(k, v, int(step))
       self._tb.flush()
     if self._console:
-      print(f"[{step:>6}] " + "  ".join(f"{k}={_fmt(v)}" for k, v in vals.items()), flush=True)
+      width = len(str(self._total)) if self._total else 6
+      where = f"{step:>{width}}/{self._total} {100 * step / self._total:3.0f}%" if self._total else f"{step:>6}"
+      print(f"[{where}] " + "  ".join(f"{k}={_fmt(v)}" for k, v in vals.items()), flush=True)
 
   def close(self) -> None:
     self._jsonl.close()
