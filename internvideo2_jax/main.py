@@ -26,6 +26,7 @@ JOBS = {
     "inspect_data": "internvideo2_jax.data.inspect",
     "train_stage2": "internvideo2_jax.train.stage2",
     "evaluate": "internvideo2_jax.evaluate.run",
+    "train_stage1": "internvideo2_jax.train.stage1",
 }
 
 

@@ -303,3 +303,35 @@ def stage2_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
   for key, path, _, _, to_official in _stage2_head_rules(config):
     out[key] = np.asarray(to_official(np.asarray(_get(tree, path), np.float32)))
   return out
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def stage1_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
+  """Stage1Student params -> the official single_modality stage-1 key layout (the encoder keys,
+  clip_pos_embed, mae_pos_embed, clip_decoder.{k}, final_clip_decoder, mae_decoder.{k})."""
+  tree = params.get("params", params)
+  out = vision_to_state_dict(tree["vision_encoder"], config.vision)
+  out["clip_pos_embed"] = np.asarray(tree["clip_pos_embed"], np.float32)
+  out["mae_pos_embed"] = np.asarray(tree["mae_pos_embed"], np.float32)
+
+  def lin(prefix, p):
+    return {f"{prefix}.weight": np.asarray(p["kernel"], np.float32).T,
+            f"{prefix}.bias": np.asarray(p["bias"], np.float32)}
+
+  def norm(prefix, p):
+    return {f"{prefix}.weight": np.asarray(p["weight"], np.float32),
+            f"{prefix}.bias": np.asarray(p["bias"], np.float32)}
+
+  for k in range(len(config.clip_layers)):
+    p = tree[f"clip_decoder_{k}"]
+    out.update(lin(f"clip_decoder.{k}.head", p["head"]), **norm(f"clip_decoder.{k}.norm", p["norm"]))
+  for k in range(len(config.mae_layers)):
+    p = tree[f"mae_decoder_{k}"]
+    out.update(lin(f"mae_decoder.{k}.head.0", p["head_0"]), **lin(f"mae_decoder.{k}.head.2", p["head_2"]),
+               **norm(f"mae_decoder.{k}.norm", p["norm"]))
+  if "final_clip_decoder" in tree:
+    p = tree["final_clip_decoder"]
+    out.update(lin("final_clip_decoder.head", p["head"]), **norm("final_clip_decoder.norm", p["norm"]))
+  return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from internvideo2_jax.models.layers import LayerNorm, Linear, param_with_axes
@@ -31,8 +32,12 @@ class CrossAttention(nn.Module):
 
     q, k, v = project("q", x_q), project("k", x_k), project("v", x_v)
     o = dot_product_attention(q, k, v, implementation=self.attn_impl)  # (B, Nq, H, hd)
-    return Linear(self.out_dim, ("heads", "head_dim", "embed_out"), n_in=2, dtype=self.dtype,
-                  name="proj")(o)
+    out = Linear(self.out_dim, ("heads", "head_dim", "embed_out"), n_in=2, dtype=self.dtype,
+                 name="proj")(o)
+    # The attention map averaged over heads (B, Nq, Nk): what the stage-1 CLIP teacher hands to
+    # attention-guided masking. One query, so recomputing the scores here costs little.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
+    return out, jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
 
 
 class AttentionPoolingBlock(nn.Module):
@@ -52,6 +57,6 @@ class AttentionPoolingBlock(nn.Module):
     q = LayerNorm(1e-5, name="norm1_q")(x_q)
     k = LayerNorm(1e-5, name="norm1_k")(x)
     v = LayerNorm(1e-5, name="norm1_v")(x)
-    out = CrossAttention(self.num_heads, self.out_dim, self.dtype, self.attn_impl,
-                         name="cross_attn")(q, k, v)
-    return out[:, 0].astype(jnp.float32)
+    out, attn = CrossAttention(self.num_heads, self.out_dim, self.dtype, self.attn_impl,
+                               name="cross_attn")(q, k, v)
+    return out[:, 0].astype(jnp.float32), attn[:, 0]

@@ -247,6 +247,7 @@ class VisionEncoder(nn.Module):
     pooled        (B, clip_embed_dim) fp32 attention-pooled embedding (if attn_pool)
     intermediates (K, B, 1 + N_visible, D) outputs of `return_layers` (if any), in that order
     visible_index (B, N_visible) int32 positions of the kept patch tokens (if mask is given)
+    pool_attn     (B, 1 + N_visible) pooling attention over the tokens, heads averaged
   """
   config: Any
 
@@ -298,8 +299,8 @@ class VisionEncoder(nn.Module):
     if visible_index is not None:
       out["visible_index"] = visible_index
     if s.attn_pool:
-      out["pooled"] = AttentionPoolingBlock(s.attn_pool_num_heads, s.clip_embed_dim, s.dtype,
-                                            s.attn_impl, name="clip_projector")(x)
+      out["pooled"], out["pool_attn"] = AttentionPoolingBlock(
+          s.attn_pool_num_heads, s.clip_embed_dim, s.dtype, s.attn_impl, name="clip_projector")(x)
     return out
 
   def _pos_embed(self, s: ViTSpec, is_image: bool):

@@ -32,7 +32,8 @@ from internvideo2_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
 
-DEVICE_KEYS = ("video", "mask", "text_ids", "text_mask", "sample_id", "audio", "has_audio", "label")
+DEVICE_KEYS = ("video", "mask", "text_ids", "text_mask", "sample_id", "audio", "has_audio", "label",
+               "clip_tokens", "clip_final", "clip_attn", "mae_tokens")
 
 
 @dataclasses.dataclass

@@ -57,17 +57,21 @@ def decay_mask(flat: Mapping[str, Any], no_decay: Sequence[str] = ()) -> dict[st
 
 def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int, min_lr_multi: float = 0.01,
                 kind: str = "cosine") -> Callable:
-  """Official stage-2 schedule: max(floor, step / warmup) during warmup, then
-  max(floor, 0.5 (1 + cos(pi * progress))); `constant` keeps the peak after warmup."""
-  if kind not in ("cosine", "constant"):
-    raise ValueError(f"unknown lr schedule {kind!r} (cosine or constant)")
+  """Official stage-2 schedule (`cosine`): max(floor, step / warmup) during warmup, then
+  max(floor, 0.5 (1 + cos(pi * progress))). `cosine_min` is the stage-1 `cosine_scheduler`:
+  linear warmup from 0, then floor + (1 - floor) * 0.5 (1 + cos). `constant` keeps the peak."""
+  if kind not in ("cosine", "cosine_min", "constant"):
+    raise ValueError(f"unknown lr schedule {kind!r} (cosine, cosine_min or constant)")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
     warm = jnp.maximum(min_lr_multi, step / max(warmup_steps, 1))
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     cos = jnp.maximum(min_lr_multi, 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0))))
-    after = cos if kind == "cosine" else 1.0
+    if kind == "cosine_min":
+      warm = step / max(warmup_steps, 1)
+      cos = min_lr_multi + (1 - min_lr_multi) * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+    after = 1.0 if kind == "constant" else cos
     return base_lr * jnp.where(step < warmup_steps, warm, after)
   return schedule
 
