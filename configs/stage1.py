@@ -39,6 +39,7 @@ def get_config(arg=None):
   d.corpora = ()
   d.load = {"num_frames": 16, "sample": "segments", "crop": "multiscale", "text": False}
   d.synthetic_dir, d.synthetic_train, d.synthetic_size = "", 64, 32
+  c.cache = ml_collections.ConfigDict({"views": 1, "num_shards": 4, "dtype": "bfloat16"})  # cache_targets job
   t = c.train = ml_collections.ConfigDict()
   t.mask_type, t.mask_ratio = "attention", 0.8
   t.loss = ml_collections.ConfigDict({"clip": 1.0, "clip_final": 1.0, "mae": 1.0})

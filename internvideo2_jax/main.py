@@ -27,6 +27,7 @@ JOBS = {
     "train_stage2": "internvideo2_jax.train.stage2",
     "evaluate": "internvideo2_jax.evaluate.run",
     "train_stage1": "internvideo2_jax.train.stage1",
+    "cache_targets": "internvideo2_jax.train.cache_targets",
 }
 
 

@@ -161,6 +161,15 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
   parts, weights = [], []
   for i, corpus in enumerate(data_cfg.corpora):
     corpus = corpus.to_dict() if hasattr(corpus, "to_dict") else dict(corpus)
+    if corpus.get("format") == "targets":  # cached stage-1 examples: already decoded
+      from internvideo2_jax.train.cache_targets import TargetsCorpus
+      ds = grain.MapDataset.source(TargetsCorpus(corpus["path"])).shuffle(seed=seed + 1000 * i)
+      ds = ds.repeat(num_epochs if train else (num_epochs or 1))
+      if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+      parts.append(ds.to_iter_dataset().batch(host_batch, drop_remainder=train))
+      weights.append(float(corpus.get("weight", 1.0)))
+      continue
     records = sources.open_corpus(corpus, skipped=skipped_rows)
     if isinstance(records, sources.RecordList):
       kinds = collections.Counter(r["media"] for r in records.records)
@@ -185,6 +194,8 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
 
 def skip_summary(batch: dict) -> dict[str, int]:
   """{reason: count} of records replaced while building this batch (for metrics)."""
+  if "skipped" not in batch:  # cached examples were checked when they were written
+    return {}
   counts = np.asarray(batch["skipped"]).sum(axis=0)
   return {r: int(c) for r, c in zip(REASONS, counts) if c}
 

@@ -64,8 +64,11 @@ def make_step(student, clip_teacher, mae_teacher, tx, cfg, *, lr_fn=None):
     rng = jax.random.fold_in(rng, state.step)
     k_mask, k_drop = jax.random.split(rng)
     video16 = normalize(batch["video"], cfg.data_norm)
-    if "clip_tokens" in batch:
+    if "clip_tokens" in batch:  # cached per example: (B, K, N, D) tokens, (B, T, HW) attention
       tg = {k: batch[k].astype(jnp.float32) for k in ("clip_tokens", "clip_final", "clip_attn", "mae_tokens")}
+      tg["clip_tokens"] = jnp.swapaxes(tg["clip_tokens"], 0, 1)
+      tg["mae_tokens"] = jnp.swapaxes(tg["mae_tokens"], 0, 1)
+      tg["clip_attn"] = tg["clip_attn"].reshape(-1, tg["clip_attn"].shape[-1])
     else:
       tg = teacher_targets(state.params["teachers"], video16, clip_teacher, mae_teacher, tdtype)
     b = video16.shape[0]
@@ -85,7 +88,7 @@ def make_step(student, clip_teacher, mae_teacher, tx, cfg, *, lr_fn=None):
       return parts["loss"], parts
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(train)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     new_state = apply_gradients(state, tx, grads, ok=ok)
     zero = jnp.zeros((), jnp.float32)

@@ -95,7 +95,7 @@ def make_step(model: Stage2Model, tx: optax.GradientTransformation, cfg, *, grou
       return total, parts
 
     (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(train)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     ok = jnp.isfinite(total) & jnp.isfinite(gnorm)
 
     def clamp_temp(p):  # the official clamp_ acts on the stored parameter
