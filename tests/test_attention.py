@@ -57,10 +57,12 @@ def test_auto_falls_back_on_cpu_and_explicit_cudnn_errors(caplog):
   q = jnp.ones((1, 4, 2, 64), jnp.bfloat16)
   spec = A.AttentionSpec("gpu", jnp.dtype(jnp.float32), 4, 4, 2, 64, False, False, False)
   with caplog.at_level(logging.INFO, logger=A.__name__):
-    assert A.select_implementation(spec) == "xla"
-  assert "fp16/bf16" in caplog.text  # the reason for the fallback is logged
-  spec200 = A.AttentionSpec("gpu", jnp.dtype(jnp.bfloat16), 4, 4, 2, 200, False, False, False)
-  assert A.select_implementation(spec200) == "xla"
+    assert A.select_implementation(spec) == "pallas"
+  assert "fp16/bf16" in caplog.text  # the reason for passing over cuDNN is logged
+  dropout = A.AttentionSpec("gpu", jnp.dtype(jnp.bfloat16), 4, 4, 2, 64, False, False, False, True)
+  assert A.select_implementation(dropout) == "xla"  # neither kernel does attention dropout
+  assert A.select_implementation(A.AttentionSpec("cpu", jnp.dtype(jnp.float32), 4, 4, 2, 64,
+                                                 False, False, False)) == "xla"
   ok = A.AttentionSpec("gpu", jnp.dtype(jnp.bfloat16), 4, 4, 2, 88, False, False, False)
   assert A.select_implementation(ok) == "cudnn"
   with pytest.raises(ValueError, match="cannot run this call: cuDNN needs a GPU"):

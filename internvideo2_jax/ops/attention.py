@@ -40,6 +40,7 @@ class AttentionSpec:
   has_bias: bool
   is_causal: bool
   has_dropout: bool = False
+  key_only_mask: bool = True   # mask / bias (if any) depend on the key position only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +150,27 @@ def _cudnn_supports(spec: AttentionSpec) -> Optional[str]:
   return None
 
 
+def _key_only(x) -> bool:
+  return x is None or x.ndim == 2 or (x.ndim == 4 and x.shape[1] == 1 and x.shape[2] == 1)
+
+
+def _pallas(q, k, v, **kw):
+  from internvideo2_jax.ops.pallas_attention import pallas_attention
+  return pallas_attention(q, k, v, **kw)
+
+
+def _pallas_supports(spec):
+  from internvideo2_jax.ops.pallas_attention import supports
+  return supports(spec)
+
+
 register("xla", xla_attention, _xla_supports)
 register("cudnn", cudnn_attention, _cudnn_supports)
+# On GPU, `auto` prefers cuDNN where it runs and takes our kernel where cuDNN cannot (fp32,
+# head dims > 128 such as the 6B pooling head's 200); BENCHMARKS.md will decide the rest once
+# measured on a GPU.
+register("pallas", _pallas, _pallas_supports)
+_AUTO_ORDER["gpu"] = ["cudnn", "pallas", "xla"]
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -212,7 +232,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
   spec = AttentionSpec(platform=jax.default_backend(), dtype=jnp.dtype(q.dtype), q_len=q.shape[1],
                        kv_len=k.shape[1], num_heads=q.shape[2], head_dim=q.shape[3],
                        has_mask=mask is not None, has_bias=bias is not None, is_causal=is_causal,
-                       has_dropout=dropout_rate > 0.0)
+                       has_dropout=dropout_rate > 0.0,
+                       key_only_mask=_key_only(mask) and _key_only(bias))
   name = select_implementation(spec, implementation)
   kw = {"dropout_rate": dropout_rate, "dropout_rng": dropout_rng} if dropout_rate > 0.0 else {}
   return _REGISTRY[name].fn(q, k, v, mask=mask, bias=bias, scale=scale, is_causal=is_causal, **kw)
