@@ -16,17 +16,26 @@ def l2_normalize(x, axis=-1, eps=1e-12):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
-def vtc_loss(vision, text, sample_ids, temp):
+def vtc_loss(vision, text, sample_ids, temp, valid=None):
   """Symmetric contrastive loss with soft targets from sample ids (duplicates all positive).
 
   vision, text: (N, D) L2-normalised; sample_ids: (N,); temp: scalar. Returns the mean of
   CE(v->t) and CE(t->v) with targets `ids_i == ids_j` row-normalised (official vtc_loss).
+  `valid` (N,) bool leaves samples out entirely (rows and columns), e.g. clips without audio in
+  the audio losses; with no valid sample the loss is 0.
   """
   sim = vision @ text.T / temp  # (N, N) fp32
   pos = (sample_ids[:, None] == sample_ids[None, :]).astype(jnp.float32)
-  targets = pos / pos.sum(axis=1, keepdims=True)
-  loss_v2t = -jnp.sum(jax.nn.log_softmax(sim, axis=1) * targets, axis=1).mean()
-  loss_t2v = -jnp.sum(jax.nn.log_softmax(sim.T, axis=1) * targets, axis=1).mean()
+  if valid is None:
+    valid = jnp.ones(sim.shape[0], bool)
+  both = valid[:, None] & valid[None, :]
+  sim = jnp.where(both, sim, -1e9)
+  pos = pos * both
+  targets = pos / jnp.maximum(pos.sum(axis=1, keepdims=True), 1.0)
+  w = valid.astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  loss_v2t = -jnp.sum(jnp.sum(jax.nn.log_softmax(sim, axis=1) * targets, axis=1) * w) / n
+  loss_t2v = -jnp.sum(jnp.sum(jax.nn.log_softmax(sim.T, axis=1) * targets, axis=1) * w) / n
   return (loss_v2t + loss_t2v) / 2
 
 
@@ -40,7 +49,7 @@ def vtc_scale(mode, num_batch_shards: int) -> float:
   return float(mode)
 
 
-def hard_negatives(key, vision, text, sample_ids, temp, groups: int):
+def hard_negatives(key, vision, text, sample_ids, temp, groups: int, valid=None):
   """Official VTM hard-negative sampling, within each of `groups` local batches.
 
   Weights are softmax(sim / temp) over the local batch with positives (same sample id) zeroed;
@@ -57,6 +66,9 @@ def hard_negatives(key, vision, text, sample_ids, temp, groups: int):
   ids = sample_ids.reshape(groups, b)
   sim_v2t = jnp.einsum("gid,gjd->gij", v, t) / temp
   pos = ids[:, :, None] == ids[:, None, :]
+  if valid is not None:  # samples left out (e.g. no audio) are never drawn as negatives
+    vg = valid.reshape(groups, b)
+    pos = pos | ~(vg[:, :, None] & vg[:, None, :])
   k1, k2 = jax.random.split(key)
 
   def draw(k, s):

@@ -1,0 +1,61 @@
+"""The audio-visual stage-2 model and losses: silent clips are left out of every audio term."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from internvideo2_jax.models.audio import audio_preset
+from internvideo2_jax.models.stage2_av import Stage2AVModel, av_stage2_config
+from internvideo2_jax.models.text import text_preset
+from internvideo2_jax.models.vit import vit_preset
+from internvideo2_jax.ops import losses as L
+from internvideo2_jax.train.stage2_av import AV_LOSSES, av_losses
+
+
+def _setup():
+  cfg = av_stage2_config(vit_preset("tiny"), text_preset("tiny", hidden_dropout=0.0, attention_dropout=0.0),
+                         audio_preset("tiny"), contra_dim=16, av_concat_dim=24)
+  model = Stage2AVModel(cfg)
+  rng = np.random.default_rng(0)
+  b = 4
+  batch = {"video": jnp.asarray(rng.integers(0, 255, (b, 4, 32, 32, 3), dtype=np.uint8)),
+           "audio": jnp.asarray(rng.standard_normal((b, 998, 64)), jnp.float32),
+           "has_audio": jnp.asarray([True, True, False, True]),
+           "text_ids": jnp.asarray(rng.integers(1000, 2000, (b, 8)), jnp.int32),
+           "text_mask": jnp.ones((b, 8), jnp.int32), "sample_id": jnp.arange(b, dtype=jnp.int32)}
+  params = nn.unbox(model.init(jax.random.key(0), batch["video"].astype(jnp.float32), batch["audio"],
+                               batch["text_ids"], batch["text_mask"]))["params"]
+  tcfg = ml_collections.ConfigDict({"loss": {k: 1.0 for k in AV_LOSSES}, "data_norm": "imagenet",
+                                    "mask_token_id": 103, "cls_token_id": 101, "mlm_prob": 0.5,
+                                    "mlm_max_positions": 4})
+  return model, params, batch, tcfg
+
+
+def test_all_terms_are_finite_and_silent_clips_do_not_reach_audio_terms():
+  model, params, batch, tcfg = _setup()
+
+  def audio_terms(fbank):
+    b = dict(batch, audio=fbank)
+    o = av_losses(model, params, b, jax.random.key(1), tcfg, num_visible=None, groups=1, vtc_mult=1.0)
+    return sum(o[k] for k in ("atc", "avc", "avtc", "atm", "avtm", "amlm", "avmlm")), o
+
+  (_, out), g = jax.jit(jax.value_and_grad(audio_terms, has_aux=True))(batch["audio"])
+  assert set(AV_LOSSES) <= set(out) and all(np.isfinite(float(out[k])) for k in AV_LOSSES)
+  g = np.asarray(g)
+  assert np.abs(g[2]).max() == 0.0           # the silent clip's (zero) features train nothing
+  assert np.abs(g[0]).max() > 0.0
+
+
+def test_masked_contrastive_equals_the_loss_over_valid_samples_only():
+  rng = np.random.default_rng(0)
+  a = L.l2_normalize(jnp.asarray(rng.standard_normal((5, 8)), jnp.float32))
+  t = L.l2_normalize(jnp.asarray(rng.standard_normal((5, 8)), jnp.float32))
+  ids = jnp.arange(5)
+  valid = jnp.asarray([True, False, True, True, False])
+  keep = np.flatnonzero(np.asarray(valid))
+  np.testing.assert_allclose(L.vtc_loss(a, t, ids, 0.1, valid=valid), L.vtc_loss(a[keep], t[keep], ids[keep], 0.1),
+                             rtol=1e-5)
+  neg_t, _ = L.hard_negatives(jax.random.key(0), a, t, ids, 0.1, 1, valid)
+  assert all(int(neg_t[i]) in keep for i in keep)
