@@ -59,3 +59,18 @@ def test_masked_contrastive_equals_the_loss_over_valid_samples_only():
                              rtol=1e-5)
   neg_t, _ = L.hard_negatives(jax.random.key(0), a, t, ids, 0.1, 1, valid)
   assert all(int(neg_t[i]) in keep for i in keep)
+
+
+def test_official_audio_visual_keys_round_trip():
+  from internvideo2_jax.convert.official import stage2_av_from_state_dict, stage2_av_to_state_dict
+  model, params, batch, _ = _setup()
+  params = jax.tree.map(np.asarray, params)
+  sd = stage2_av_to_state_dict(params, model.config)
+  for key in ("audio_encoder.encoder.pos_conv.0.weight_g", "av_concat_vision_proj.0.weight",
+              "av_concat_audio_proj.1.bias", "av_fusion.weight", "avtm_head.weight", "audio_proj.weight",
+              "text_encoder.bert.encoder.layer.3.crossattention.self.key.weight"):
+    assert key in sd, key
+  assert sd["text_encoder.bert.encoder.layer.3.crossattention.self.key.weight"].shape == (48, 24)
+  del sd["atm_head.weight"], sd["atm_head.bias"]  # optional in the released recipe
+  back = stage2_av_from_state_dict(sd, model.config, base={"params": params})
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), back["params"], params)

@@ -335,3 +335,72 @@ def stage1_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
     p = tree["final_clip_decoder"]
     out.update(lin("final_clip_decoder.head", p["head"]), **norm("final_clip_decoder.norm", p["norm"]))
   return out
+
+
+# ----------------------------------------------------------------------------- stage 2, audio-visual
+
+
+def _av_head_rules(cfg):
+  v, t, a = cfg.vision, cfg.text, cfg.audio
+  c, ad = int(cfg.contra_dim), int(cfg.av_concat_dim)
+  rules = (_linear_pair("vision_proj", ("vision_proj",), c, v.clip_embed_dim)
+           + _linear_pair("text_proj", ("text_proj",), c, t.hidden_size)
+           + _linear_pair("audio_proj", ("audio_proj",), c, a.encoder_embed_dim)
+           + _linear_pair("av_fusion", ("av_fusion",), c, 2 * c)
+           + _linear_pair("av_concat_vision_proj.0", ("av_concat_vision_proj", "0"), ad, v.embed_dim)
+           + _linear_pair("av_concat_audio_proj.0", ("av_concat_audio_proj", "0"), ad, a.encoder_embed_dim)
+           + _linear_pair("itm_head", ("itm_head",), 2, t.hidden_size)
+           + _linear_pair("avtm_head", ("avtm_head",), 2, t.hidden_size)
+           + _linear_pair("atm_head", ("atm_head",), 2, t.hidden_size)
+           + [("temp", ("temp",), (), lambda x: x, lambda x: x)])
+  for name in ("av_concat_vision_proj", "av_concat_audio_proj"):
+    rules += [(f"{name}.1.weight", (name, "1", "weight"), (ad,), lambda x: x, lambda x: x),
+              (f"{name}.1.bias", (name, "1", "bias"), (ad,), lambda x: x, lambda x: x)]
+  return rules
+
+
+def stage2_av_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
+                              checkpoint_num_frames: Optional[int] = None, base: Optional[Mapping] = None) -> dict:
+  """Official 6B audio-visual stage-2 checkpoint -> `{'params': ...}` of Stage2AVModel(config).
+
+  `atm_head` is optional (the released recipe trains it only when atm != 0): taken from `base`
+  (a fresh init) when absent.
+  """
+  from internvideo2_jax.convert.bert import bert_from_state_dict
+  from internvideo2_jax.convert.beats import beats_from_state_dict
+  sd = strip_prefix(state_dict, "module.")
+  params = {
+      "vision_encoder": vision_from_state_dict({k: v for k, v in sd.items() if k.startswith("vision_encoder.")},
+                                               config.vision, checkpoint_num_frames=checkpoint_num_frames)["params"],
+      "text_encoder": bert_from_state_dict({k[len("text_encoder."):]: v for k, v in sd.items()
+                                            if k.startswith("text_encoder.")}, config.text),
+      "audio_encoder": beats_from_state_dict({k: v for k, v in sd.items() if k.startswith("audio_encoder.")},
+                                             config.audio)}
+  missing = []
+  for key, path, shape, to_ours, _ in _av_head_rules(config):
+    if key not in sd:
+      if key.startswith("atm_head") and base is not None:
+        _set(params, path, np.asarray(_get(base.get("params", base), path)))
+      else:
+        missing.append(key)
+      continue
+    value = np.asarray(sd[key], np.float32)
+    if value.shape != shape:
+      missing.append(f"{key} (shape {value.shape}, expected {shape})")
+      continue
+    _set(params, path, to_ours(value))
+  if missing:
+    raise CheckpointError(f"audio-visual stage-2 checkpoint: missing or mis-shaped: {', '.join(missing)}")
+  return {"params": params}
+
+
+def stage2_av_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
+  from internvideo2_jax.convert.bert import bert_to_state_dict
+  from internvideo2_jax.convert.beats import beats_to_state_dict
+  tree = params.get("params", params)
+  out = {f"vision_encoder.{k}": v for k, v in vision_to_state_dict(tree["vision_encoder"], config.vision).items()}
+  out.update({f"text_encoder.{k}": v for k, v in bert_to_state_dict(tree["text_encoder"], config.text).items()})
+  out.update({f"audio_encoder.{k}": v for k, v in beats_to_state_dict(tree["audio_encoder"], config.audio).items()})
+  for key, path, _, _, to_official in _av_head_rules(config):
+    out[key] = np.asarray(to_official(np.asarray(_get(tree, path), np.float32)))
+  return out
