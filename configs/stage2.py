@@ -24,7 +24,7 @@ from internvideo2_jax.models.vit import vit_preset
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, size="demo", clip=False, steps=0, batch=0, dtype="")
+  a = parse_arg(arg, size="demo", clip=False, av=False, steps=0, batch=0, dtype="")
   c = ml_collections.ConfigDict()
   c.job = "train_stage2"
   c.seed = 0
@@ -146,6 +146,19 @@ def get_config(arg=None):
     d.batch_size = 64 * 64 if size != "6B" else 64 * 256
     if size == "6B":
       c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  if a.av:
+    # Audio-visual stage 2 (the 6B recipe): BEATs tower (frozen), [audio; video] fusion memory,
+    # the `avs_captions` field, official loss weights.
+    from internvideo2_jax.models.audio import audio_preset
+    m.audio = audio_preset("tiny" if a.size in ("demo", "tiny") else "beats")
+    m.av_concat_dim = m.embed_dim if a.size in ("demo", "tiny") else 768
+    m.embed_dim = m.embed_dim if a.size in ("demo", "tiny") else 768
+    m.freeze_audio = a.size not in ("demo", "tiny")
+    d.load = dict(d.load, audio=True, caption_field="avs_captions")
+    e.caption_field = "avs_captions"
+    t.loss = ml_collections.ConfigDict({"vtc": 1.0, "vtm": 1.0, "mlm": 1.0 if a.size not in ("demo",) else 0.0,
+                                        "avtc": 1.0, "avtm": 1.0, "avmlm": 1.0 if a.size not in ("demo",) else 0.0,
+                                        "atc": 0.0, "avc": 0.0, "atm": 0.0, "amlm": 0.0})
   if a.clip:
     t.loss = ml_collections.ConfigDict({"vtc": 1.0, "vtm": 0.0, "mlm": 0.0})
     m.freeze_vision, m.freeze_text = True, True

@@ -37,6 +37,8 @@ class RetrievalSet:
   txt2vid: np.ndarray       # (Nt,) video of each text
   keys: list[str]           # video keys
   skipped: list[str]
+  audio: Optional[np.ndarray] = None      # (Nv, 998, 64) fbank when the spec asks for audio
+  has_audio: Optional[np.ndarray] = None  # (Nv,) bool
 
   @property
   def vid2txt(self) -> list[list[int]]:
@@ -50,9 +52,9 @@ def load_retrieval_set(corpus: dict, spec: LoadSpec, caption_field: str = "capti
                        limit: Optional[int] = None) -> RetrievalSet:
   """Decodes every video of an annotation corpus with the test transform; all captions kept."""
   records = sources.open_corpus(corpus)
-  spec = dataclasses.replace(spec, train=False, mask="none", audio=False, text=False, crop="squash",
+  spec = dataclasses.replace(spec, train=False, mask="none", text=False, crop="squash",
                              sample="middle" if spec.sample != "segments" else "segments")
-  videos, texts, txt2vid, keys, skipped = [], [], [], [], []
+  videos, texts, txt2vid, keys, skipped, audio, has_audio = [], [], [], [], [], [], []
   n = len(records) if limit is None else min(limit, len(records))
   for i in range(n):
     rec = records[i]
@@ -71,9 +73,13 @@ def load_retrieval_set(corpus: dict, spec: LoadSpec, caption_field: str = "capti
       txt2vid.append(len(videos))
     videos.append(ex["video"])
     keys.append(rec["key"])
+    if spec.audio:
+      audio.append(ex["audio"])
+      has_audio.append(bool(ex["has_audio"]))
   if not videos:
     raise ValueError(f"retrieval set {corpus.get('path')}: no usable video ({len(skipped)} skipped)")
-  return RetrievalSet(np.stack(videos), texts, np.asarray(txt2vid), keys, skipped)
+  return RetrievalSet(np.stack(videos), texts, np.asarray(txt2vid), keys, skipped,
+                      np.stack(audio) if audio else None, np.asarray(has_audio) if audio else None)
 
 
 def recall_metrics(v2t: np.ndarray, t2v: np.ndarray, txt2vid: np.ndarray) -> dict[str, float]:
@@ -167,9 +173,45 @@ def evaluate_retrieval(encoder: Encoder, rset: RetrievalSet, *, tokenizer, max_t
   return results
 
 
+def evaluate_av_retrieval(model, params, rset: RetrievalSet, *, tokenizer, max_txt_l: int,
+                          batch_size: int, norm: str = "imagenet") -> dict:
+  """Audio-visual model, ITC (temperature 1) only: text against the video feature, the audio
+  feature (clips with audio only) and the fused audio-video feature."""
+  from internvideo2_jax.models.stage2_av import Stage2AVModel
+  p = {"params": params}
+  vdt = jnp.dtype(model.config.vision.dtype)
+  enc_v = jax.jit(lambda p, v: model.apply(p, normalize(v, norm, vdt), method=Stage2AVModel.encode_vision)[1])
+  enc_a = jax.jit(lambda p, a: model.apply(p, a, method=Stage2AVModel.encode_audio)[1])
+  enc_t = jax.jit(lambda p, i, m: model.apply(p, i, m, method=Stage2AVModel.encode_text)[1])
+  fuse = jax.jit(lambda p, a, v: model.apply(p, a, v, method=Stage2AVModel.av_feature))
+
+  def run(fn, *arrays):
+    outs = [np.asarray(fn(p, *[x[s:s + batch_size] for x in arrays])) for s in range(0, len(arrays[0]), batch_size)]
+    return np.concatenate(outs)
+
+  ids, mask = text_lib.tokenize(tokenizer, rset.texts, max_txt_l)
+  fv, fa, ft = run(enc_v, rset.videos), run(enc_a, rset.audio), run(enc_t, ids, mask)
+  fav = run(fuse, fa, fv)
+  n = lambda x: np.asarray(l2_normalize(jnp.asarray(x)))  # noqa: E731
+  t = n(ft)
+  out = {}
+  for name, feats in (("text_to_video", fv), ("text_to_av", fav)):
+    s = n(feats) @ t.T
+    out[name] = recall_metrics(s, s.T, rset.txt2vid)
+  keep = np.flatnonzero(rset.has_audio)
+  tkeep = np.flatnonzero(np.isin(rset.txt2vid, keep))
+  remap = {v: i for i, v in enumerate(keep)}
+  s = n(fa[keep]) @ t[tkeep].T
+  out["text_to_audio"] = recall_metrics(s, s.T, np.asarray([remap[v] for v in rset.txt2vid[tkeep]]))
+  out["num_videos"], out["num_texts"], out["num_with_audio"] = len(fv), len(t), int(len(keep))
+  return out
+
+
 def format_table(results: dict) -> str:
   rows = ["| scores | t2v R@1 | R@5 | R@10 | v2t R@1 | R@5 | R@10 | mean |", "|---|---|---|---|---|---|---|---|"]
-  for name in ("match", "itc", "dsl"):
+  if "text_to_audio" in results:
+    rows[0] = "| text to | R@1 | R@5 | R@10 | reverse R@1 | R@5 | R@10 | mean |"
+  for name in [k for k in ("match", "itc", "dsl", "text_to_video", "text_to_audio", "text_to_av") if k in results]:
     r = results[name]
     rows.append(f"| {name} | {r['t2v_r1']:.1f} | {r['t2v_r5']:.1f} | {r['t2v_r10']:.1f} | "
                 f"{r['v2t_r1']:.1f} | {r['v2t_r5']:.1f} | {r['v2t_r10']:.1f} | {r['r_mean']:.1f} |")

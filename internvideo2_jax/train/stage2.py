@@ -77,11 +77,31 @@ def stage2_losses(model: Stage2Model, params, batch, rng, cfg, *, num_visible, g
   return out
 
 
-def make_step(model: Stage2Model, tx: optax.GradientTransformation, cfg, *, groups: int,
-              vtc_mult: float, lr_fn=None):
+@flax.struct.dataclass
+class AVMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  vtc: clu_metrics.Average.from_output("vtc")
+  vtm: clu_metrics.Average.from_output("vtm")
+  mlm: clu_metrics.Average.from_output("mlm")
+  atc: clu_metrics.Average.from_output("atc")
+  atm: clu_metrics.Average.from_output("atm")
+  amlm: clu_metrics.Average.from_output("amlm")
+  avc: clu_metrics.Average.from_output("avc")
+  avtc: clu_metrics.Average.from_output("avtc")
+  avtm: clu_metrics.Average.from_output("avtm")
+  avmlm: clu_metrics.Average.from_output("avmlm")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  temp: clu_metrics.LastValue.from_output("temp")
+  lr: clu_metrics.LastValue.from_output("lr")
+  skipped_updates: clu_metrics.LastValue.from_output("skipped_updates")
+
+
+def make_step(model, tx: optax.GradientTransformation, cfg, *, groups: int,
+              vtc_mult: float, lr_fn=None, losses_fn=None, names=LOSSES, metrics_cls=Stage2Metrics):
   """The pure train step `(state, batch, rng, num_visible) -> (state, metrics)`; the loop jits it
   with shardings and donation (`num_visible` is static: a mask ratio gives a fixed count)."""
-  weights = {k: float(cfg.loss.get(k, 0.0)) for k in LOSSES}
+  losses_fn = losses_fn or stage2_losses
+  weights = {k: float(cfg.loss.get(k, 0.0)) for k in names}
 
   def step(state: TrainState, batch, rng, num_visible=None):
     rng = jax.random.fold_in(rng, state.step)
@@ -89,9 +109,9 @@ def make_step(model: Stage2Model, tx: optax.GradientTransformation, cfg, *, grou
 
     def loss_fn(train_params):
       params = TrainState.merge(train_params, frozen)
-      parts = stage2_losses(model, params, batch, rng, cfg, num_visible=num_visible,
-                            groups=groups, vtc_mult=vtc_mult)
-      total = sum(weights[k] * parts[k] for k in LOSSES if k in parts)
+      parts = losses_fn(model, params, batch, rng, cfg, num_visible=num_visible,
+                        groups=groups, vtc_mult=vtc_mult)
+      total = sum(weights[k] * parts[k] for k in names if k in parts)
       return total, parts
 
     (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(train)
@@ -105,9 +125,8 @@ def make_step(model: Stage2Model, tx: optax.GradientTransformation, cfg, *, grou
 
     new_state = apply_gradients(state, tx, grads, ok=ok, post_update=clamp_temp)
     zero = jnp.zeros((), jnp.float32)
-    metrics = Stage2Metrics.single_from_model_output(
-        loss=total, vtc=parts.get("vtc", zero), vtm=parts.get("vtm", zero),
-        mlm=parts.get("mlm", zero), grad_norm=gnorm, temp=parts["temp"],
+    metrics = metrics_cls.single_from_model_output(
+        loss=total, **{k: parts.get(k, zero) for k in names}, grad_norm=gnorm, temp=parts["temp"],
         lr=lr_fn(state.step) if lr_fn is not None else zero,
         skipped_updates=new_state.skipped)
     return new_state, metrics
@@ -134,6 +153,10 @@ def build_model_config(mc):
                                     remat_policy=mc.text.remat_policy)
   else:
     text = text_preset("bert-base", **mc.text.to_dict())
+  if mc.get("audio"):
+    from internvideo2_jax.models.stage2_av import av_stage2_config
+    return av_stage2_config(vision, text, mc.audio, contra_dim=mc.embed_dim,
+                            av_concat_dim=mc.get("av_concat_dim", mc.embed_dim), temp=mc.temp)
   return stage2_config(vision, text, embed_dim=mc.embed_dim, temp=mc.temp)
 
 
@@ -168,14 +191,23 @@ def run(config, workdir: str) -> dict:
                                       if config.get("sharding_rules") else None)
   groups = mesh.shape["data"] * mesh.shape["fsdp"]
   mesh_lib.global_batch_size_ok(mesh, int(data.batch_size))
-  train_model = Stage2Model(mcfg, deterministic=False)
-  eval_model = Stage2Model(mcfg, deterministic=True)
+  audio = bool(config.model.get("audio"))
+  if audio:
+    from internvideo2_jax.models.stage2_av import Stage2AVModel
+    from internvideo2_jax.train.stage2_av import AV_LOSSES, av_losses
+    model_cls = Stage2AVModel
+  else:
+    model_cls = Stage2Model
+  train_model = model_cls(mcfg, deterministic=False)
+  eval_model = model_cls(mcfg, deterministic=True)
   v = mcfg.vision
   t_len = int(data.load.max_txt_l)
   dummy_video = jnp.zeros((1, v.num_frames, v.img_size, v.img_size, 3), jnp.float32)
   dummy_ids = jnp.ones((1, t_len), jnp.int32)
+  dummy_inputs = ((dummy_video, jnp.zeros((1, 998, 64)), dummy_ids, dummy_ids) if audio
+                  else (dummy_video, dummy_ids, dummy_ids))
   init_fn = lambda: train_model.init({"params": jax.random.key(config.seed), "dropout": jax.random.key(1)},  # noqa: E731
-                                     dummy_video, dummy_ids, dummy_ids)
+                                     *dummy_inputs)
 
   def load(inner):
     if config.model.text_init:
@@ -199,8 +231,9 @@ def run(config, workdir: str) -> dict:
   tcfg = ml_collections.ConfigDict(dict(config.train.to_dict(), data_norm=data.get("norm", "imagenet"),
                                         mask_token_id=tok.mask_token_id, cls_token_id=tok.cls_token_id))
   from internvideo2_jax.ops.losses import vtc_scale
+  step_kw = dict(losses_fn=av_losses, names=AV_LOSSES, metrics_cls=AVMetrics) if audio else {}
   step_fn = make_step(train_model, tx, tcfg, groups=groups,
-                      vtc_mult=vtc_scale(config.train.vtc_scale, groups), lr_fn=lr_fn)
+                      vtc_mult=vtc_scale(config.train.vtc_scale, groups), lr_fn=lr_fn, **step_kw)
   ds = pipeline.make_pipeline(data, mcfg.vision, stage="stage2")
   print(f"model: vision {sum_params(state.params, 'vision_encoder'):,} + text "
         f"{sum_params(state.params, 'text_encoder'):,} parameters; training {len(trainable)} of "
@@ -209,7 +242,7 @@ def run(config, workdir: str) -> dict:
   eval_fn = None
   if config.eval.corpus.get("path") or (data.get("synthetic_dir") and config.eval.get("synthetic", True)):
     spec = LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size,
-                    tubelet_size=v.tubelet_size, max_txt_l=int(config.eval.max_txt_l))
+                    tubelet_size=v.tubelet_size, max_txt_l=int(config.eval.max_txt_l), audio=audio)
     corpus = config.eval.corpus.to_dict()
     if not corpus.get("path"):
       corpus.update(path=os.path.join(data.synthetic_dir, "val.json"), data_root=data.synthetic_dir)
@@ -217,6 +250,11 @@ def run(config, workdir: str) -> dict:
     print(f"eval: {len(rset.videos)} held-out videos, {len(rset.texts)} captions", flush=True)
 
     def eval_fn(params):
+      if audio:
+        return retrieval.evaluate_av_retrieval(eval_model, params, rset, tokenizer=tok,
+                                               max_txt_l=int(config.eval.max_txt_l),
+                                               batch_size=int(config.eval.batch_size),
+                                               norm=data.get("norm", "imagenet"))
       enc = retrieval.Encoder(eval_model, params, mesh, batch_size=int(config.eval.batch_size),
                               norm=data.get("norm", "imagenet"))
       return retrieval.evaluate_retrieval(enc, rset, tokenizer=tok, max_txt_l=int(config.eval.max_txt_l),
@@ -230,11 +268,12 @@ def run(config, workdir: str) -> dict:
                                     visible_tokens=vis, text_len=host["text_ids"].shape[1])
 
   def finish(params, wd):
-    from internvideo2_jax.convert.official import stage2_to_state_dict
+    from internvideo2_jax.convert.official import stage2_av_to_state_dict, stage2_to_state_dict
+    to_sd = stage2_av_to_state_dict if audio else stage2_to_state_dict
     from internvideo2_jax.convert.io import save_state_dict
     path = os.path.join(wd, "export", "stage2_official_layout.safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_state_dict(stage2_to_state_dict(jax.tree.map(np.asarray, params), mcfg), path)
+    save_state_dict(to_sd(jax.tree.map(np.asarray, params), mcfg), path)
     print(f"exported the weights in the official key layout: {path}", flush=True)
 
   setup = loop.Setup(mesh=mesh, rules=rules, state=state, tx=tx, step_fn=step_fn, data=ds,
@@ -242,7 +281,7 @@ def run(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   results = loop.train(config, workdir, setup)
   elapsed = time.perf_counter() - t0
-  if "match" in results:
+  if "match" in results or "text_to_audio" in results:
     print(f"\nheld-out retrieval after {results['step']} steps ({elapsed / 60:.1f} min):")
     print(retrieval.format_table(results))
     retrieval.save_json(results, os.path.join(workdir, "eval_results.json"))
