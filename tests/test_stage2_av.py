@@ -74,3 +74,16 @@ def test_official_audio_visual_keys_round_trip():
   del sd["atm_head.weight"], sd["atm_head.bias"]  # optional in the released recipe
   back = stage2_av_from_state_dict(sd, model.config, base={"params": params})
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), back["params"], params)
+
+
+def test_audio_visual_training_job_runs_and_evaluates(tmp_path):
+  from configs import stage2 as stage2_config
+  from internvideo2_jax.train import stage2
+  c = stage2_config.get_config("size=tiny,av")
+  syn = str(tmp_path / "syn")
+  c.data.synthetic_dir, c.data.synthetic_train, c.data.synthetic_val, c.data.synthetic_size = syn, 8, 4, 32
+  c.data.corpora = ({"format": "json", "path": f"{syn}/train.json", "data_root": syn},)
+  c.train.total_steps, c.train.checkpoint_every = 2, 0
+  res = stage2.run(c, str(tmp_path / "run"))
+  assert res["step"] == 2 and {"text_to_video", "text_to_audio", "text_to_av"} <= set(res)
+  assert res["num_with_audio"] <= res["num_videos"] == 4
