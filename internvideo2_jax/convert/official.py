@@ -279,10 +279,19 @@ def stage2_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
   text = bert_from_state_dict({k[len("text_encoder."):]: v for k, v in sd.items()
                                if k.startswith("text_encoder.")}, config.text)
   params = {"vision_encoder": vision["params"], "text_encoder": text}
+  _take_heads(sd, _stage2_head_rules(config), params, "stage-2 checkpoint")
+  return {"params": params}
+
+
+def _take_heads(sd, rules, params, what, optional=(), base=None):
+  """Copies the head tensors of `rules` into params; `optional` keys fall back to `base`."""
   missing = []
-  for key, path, shape, to_ours, _ in _stage2_head_rules(config):
+  for key, path, shape, to_ours, _ in rules:
     if key not in sd:
-      missing.append(key)
+      if key.startswith(tuple(optional)) and base is not None:
+        _set(params, path, np.asarray(_get(base.get("params", base), path)))
+      else:
+        missing.append(key)
       continue
     value = np.asarray(sd[key], np.float32)
     if value.shape != shape:
@@ -290,8 +299,7 @@ def stage2_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
       continue
     _set(params, path, to_ours(value))
   if missing:
-    raise CheckpointError(f"stage-2 checkpoint: missing or mis-shaped heads: {', '.join(missing)}")
-  return {"params": params}
+    raise CheckpointError(f"{what}: missing or mis-shaped heads: {', '.join(missing)}")
 
 
 def stage2_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
@@ -376,21 +384,8 @@ def stage2_av_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any,
                                             if k.startswith("text_encoder.")}, config.text),
       "audio_encoder": beats_from_state_dict({k: v for k, v in sd.items() if k.startswith("audio_encoder.")},
                                              config.audio)}
-  missing = []
-  for key, path, shape, to_ours, _ in _av_head_rules(config):
-    if key not in sd:
-      if key.startswith("atm_head") and base is not None:
-        _set(params, path, np.asarray(_get(base.get("params", base), path)))
-      else:
-        missing.append(key)
-      continue
-    value = np.asarray(sd[key], np.float32)
-    if value.shape != shape:
-      missing.append(f"{key} (shape {value.shape}, expected {shape})")
-      continue
-    _set(params, path, to_ours(value))
-  if missing:
-    raise CheckpointError(f"audio-visual stage-2 checkpoint: missing or mis-shaped: {', '.join(missing)}")
+  _take_heads(sd, _av_head_rules(config), params, "audio-visual stage-2 checkpoint",
+              optional=("atm_head",), base=base)
   return {"params": params}
 
 

@@ -32,6 +32,14 @@ def stage2_config(vision, text, *, embed_dim: int = 512, temp: float = 0.07) -> 
                                     "temp": temp})
 
 
+def masked_lm_logits(text_encoder, masked_ids, text_mask, memory, positions):
+  """Text pass on the masked ids, fusion with the memory (all-ones memory mask, as the official
+  mlm_loss), then the tied MLM head only at `positions` (the vocab projection is the cost)."""
+  hidden = text_encoder.encode_text(masked_ids, text_mask)
+  fused = text_encoder.fuse(hidden, text_mask, memory)
+  return text_encoder.mlm_logits(jnp.take_along_axis(fused, positions[..., None], axis=1))
+
+
 def clamp_temp(temp):
   return jnp.clip(temp, TEMP_MIN, TEMP_MAX)
 
@@ -74,10 +82,7 @@ class Stage2Model(nn.Module):
     """MLM logits (B, P, vocab) at `positions` (B, P): text pass on the masked ids, fusion with
     the memory (all-ones memory mask, as the official mlm_loss), then the tied head only where
     needed (the vocab projection is the expensive part)."""
-    hidden = self.text_encoder.encode_text(masked_ids, text_mask)
-    fused = self.text_encoder.fuse(hidden, text_mask, memory)
-    picked = jnp.take_along_axis(fused, positions[..., None], axis=1)
-    return self.text_encoder.mlm_logits(picked)
+    return masked_lm_logits(self.text_encoder, masked_ids, text_mask, memory, positions)
 
   def get_temp(self):
     return clamp_temp(self.temp)

@@ -18,7 +18,7 @@ import ml_collections
 
 from internvideo2_jax.models.audio import AudioEncoder
 from internvideo2_jax.models.layers import LayerNorm, Linear, param_with_axes
-from internvideo2_jax.models.stage2 import clamp_temp
+from internvideo2_jax.models.stage2 import clamp_temp, masked_lm_logits
 from internvideo2_jax.models.text import TextEncoder
 from internvideo2_jax.models.vit import VisionEncoder
 
@@ -83,10 +83,7 @@ class Stage2AVModel(nn.Module):
     return getattr(self, head)(fused[:, 0]).astype(jnp.float32)
 
   def mlm_logits(self, masked_ids, text_mask, memory, positions):
-    hidden = self.text_encoder.encode_text(masked_ids, text_mask)
-    fused = self.text_encoder.fuse(hidden, text_mask, memory)
-    picked = jnp.take_along_axis(fused, positions[..., None], axis=1)
-    return self.text_encoder.mlm_logits(picked)
+    return masked_lm_logits(self.text_encoder, masked_ids, text_mask, memory, positions)
 
   def get_temp(self):
     return clamp_temp(self.temp)
