@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import CheckpointError, load_state_dict, mismatch_error
+from internvideo2_jax.convert.io import CheckpointError, KeyReader, load_state_dict, mismatch_error
 from internvideo2_jax.models.text import TextSpec, text_preset
 
 _same = (lambda a: a, lambda a: a)
@@ -97,7 +97,7 @@ def bert_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
   sd = _normalise_keys(state_dict)
   top, head = _top_rules(s)
   params: dict = {}
-  used, missing, misshaped = set(), [], []
+  reader = KeyReader(sd)
 
   def put(path, value):
     t = params
@@ -112,16 +112,8 @@ def bert_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
     return np.asarray(t)
 
   def take(key, shape, to_ours, required=True):
-    if key not in sd:
-      if required:
-        missing.append(key)
-      return None
-    used.add(key)
-    v = np.asarray(sd[key], np.float32)
-    if v.shape != shape:
-      misshaped.append(f"{key}: checkpoint {v.shape}, model expects {shape}")
-      return None
-    return to_ours(v)
+    v = reader.take(key, shape, required)
+    return None if v is None else to_ours(v)
 
   for key, path, shape, to_ours, _ in top:
     v = take(key, shape, to_ours)
@@ -147,11 +139,10 @@ def bert_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
       elif is_cross and not need_cross and base is not None:
         put(full, get_base(full))
   sd_layers = {int(k.split(".")[3]) for k in sd if k.startswith("bert.encoder.layer.")}
-  unexpected = sorted(k for k in set(sd) - used
-                      if not k.startswith(("bert.pooler.", "cls.predictions.decoder", "cls.seq_relationship"))
-                      and k != "bert.embeddings.position_ids")
+  unexpected = [k for k in reader.unused(("bert.pooler.", "cls.predictions.decoder", "cls.seq_relationship"))
+                if k != "bert.embeddings.position_ids"]
   hint = f" (checkpoint has {max(sd_layers) + 1} layers, config num_layers={s.num_layers})" if sd_layers else ""
-  error = mismatch_error("BERT checkpoint", missing, misshaped, unexpected if strict else (), hint)
+  error = mismatch_error("BERT checkpoint", reader.missing, reader.misshaped, unexpected if strict else (), hint)
   if error:
     raise error
   return params

@@ -36,6 +36,30 @@ def mismatch_error(what: str, missing, misshaped, unexpected, hint: str = "") ->
   return CheckpointError(f"{what} does not match the config:\n  " + "\n  ".join(problems))
 
 
+class KeyReader:
+  """Reads float32 tensors from a state dict by key, recording used, missing and mis-shaped keys
+  so a converter can report every problem at once (`mismatch_error`)."""
+
+  def __init__(self, state_dict: Mapping[str, np.ndarray]):
+    self.sd, self.used, self.missing, self.misshaped = state_dict, set(), [], []
+
+  def take(self, key: str, shape, required: bool = True):
+    """The tensor at `key` (float32) or None when absent / mis-shaped (and recorded)."""
+    if key not in self.sd:
+      if required:
+        self.missing.append(key)
+      return None
+    self.used.add(key)
+    value = np.asarray(self.sd[key], np.float32)
+    if value.shape != tuple(shape):
+      self.misshaped.append(f"{key}: checkpoint {value.shape}, model expects {tuple(shape)}")
+      return None
+    return value
+
+  def unused(self, ignore_prefixes=()) -> list[str]:
+    return sorted(k for k in set(self.sd) - self.used if not k.startswith(tuple(ignore_prefixes)))
+
+
 def unwrap(obj) -> dict:
   """Returns the inner state dict of `{'model': sd}` / `{'module': sd}` / `{'state_dict': sd}`."""
   for key in _WRAPPERS:

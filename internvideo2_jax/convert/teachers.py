@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from internvideo2_jax.convert.io import mismatch_error, strip_prefix
+from internvideo2_jax.convert.io import KeyReader, mismatch_error, strip_prefix
 from internvideo2_jax.convert.official import vision_from_state_dict
 
 
@@ -34,18 +34,8 @@ def mae_teacher_from_state_dict(state_dict: Mapping[str, np.ndarray], config: An
   d, h, depth = config.embed_dim, config.num_heads, config.depth
   hd, mlp = d // h, int(d * config.mlp_ratio)
   p, tt = config.patch_size, config.tubelet_size
-  missing, misshaped, used = [], [], set()
-
-  def take(key, shape):
-    if key not in sd:
-      missing.append(key)
-      return None
-    used.add(key)
-    v = np.asarray(sd[key], np.float32)
-    if v.shape != shape:
-      misshaped.append(f"{key}: checkpoint {v.shape}, model expects {shape}")
-      return None
-    return v
+  reader = KeyReader(sd)
+  take = reader.take
 
   def stack(fmt, shape, fn):
     vals = [take(fmt.format(i), shape) for i in range(depth)]
@@ -73,9 +63,8 @@ def mae_teacher_from_state_dict(state_dict: Mapping[str, np.ndarray], config: An
   k = params["patch_embed"]["proj"]["kernel"]
   if k is not None:
     params["patch_embed"]["proj"]["kernel"] = k.transpose(2, 3, 4, 1, 0)
-  unexpected = sorted(k for k in set(sd) - used
-                      if not k.startswith(("fc_norm.", "head.", "pos_embed", "decoder", "mask_token")))
-  error = mismatch_error("VideoMAE teacher checkpoint", missing, misshaped, unexpected)
+  unexpected = reader.unused(("fc_norm.", "head.", "pos_embed", "decoder", "mask_token"))
+  error = mismatch_error("VideoMAE teacher checkpoint", reader.missing, reader.misshaped, unexpected)
   if error:
     raise error
   return params
