@@ -2,6 +2,7 @@ r"""Check a corpus through a stage's input pipeline (shapes, speed, skipped reco
 
 Run:
   .venv/bin/iv2 --config=configs/data.py --workdir=runs/data        # synthetic corpus
+  .venv/bin/iv2 --config=configs/data.py:stage=stage3 --workdir=runs/data3   # instruction rows
   .venv/bin/iv2 --config=configs/data.py:stage=stage2 --workdir=runs/data \
       --config.data.corpora='({"format": "json", "path": "/data/msrvtt/train.json", "data_root": "/data/msrvtt/videos"},)'
 
@@ -32,4 +33,7 @@ def get_config(arg=None):
   c.data.load = {"mask": "random", "audio": False, "caption_field": "captions", "max_txt_l": 32}
   if a.stage == "stage1":
     c.data.load = {"num_frames": 16}
+  if a.stage == "stage3":  # 8 frames, conversation tokens (see data/instruct.py InstructSpec)
+    c.data.load = {"num_frames": 8}
+    c.data.instruct = {"max_txt_l": 512, "visual_tokens": 96, "time_msg": False}
   return c

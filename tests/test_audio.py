@@ -69,3 +69,16 @@ def test_gru_gate_changes_the_relative_bias_per_layer():
   # zero relative table + gate -> plain attention: the table is shared by every layer
   assert params["params"]["encoder"]["relative_attention_bias"].shape == (32, 4)
 
+
+
+def test_no_post_extract_proj_when_dims_match():
+  # official BEATs sets post_extract_proj = None when embed_dim == encoder_embed_dim
+  cfg = audio_preset("tiny", embed_dim=48)
+  model = AudioEncoder(cfg)
+  fbank = jax.random.normal(jax.random.key(3), (1, 64, 64))
+  params = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.key(0), fbank)))["params"]
+  assert "post_extract_proj" not in params
+  sd = beats_to_state_dict(params, cfg)
+  assert not any(k.startswith("post_extract_proj") for k in sd)
+  np.testing.assert_allclose(model.apply({"params": beats_from_state_dict(sd, cfg)}, fbank),
+                             model.apply({"params": params}, fbank), atol=1e-6)

@@ -46,13 +46,14 @@ def beats_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any) -> 
   params = {
       "patch_embedding": {"kernel": get("patch_embedding.weight", (d, 1, p, p)).reshape(d, p * p).T},
       "layer_norm": ln("layer_norm", d),
-      "post_extract_proj": {"kernel": _lin(get("post_extract_proj.weight", (e, d))),
-                            "bias": get("post_extract_proj.bias", (e,))},
       "encoder": {"pos_conv_weight": w.transpose(2, 1, 0), "pos_conv_bias": get("encoder.pos_conv.0.bias", (e,)),
                   "layer_norm": ln("encoder.layer_norm", e),
                   "relative_attention_bias": get("encoder.layers.0.self_attn.relative_attention_bias.weight",
                                                  (c.num_buckets, h))},
   }
+  if d != e:  # official: post_extract_proj is None (no keys) when embed_dim == encoder_embed_dim
+    params["post_extract_proj"] = {"kernel": _lin(get("post_extract_proj.weight", (e, d))),
+                                   "bias": get("post_extract_proj.bias", (e,))}
   for i in range(L):
     pre = f"encoder.layers.{i}"
     att = f"{pre}.self_attn"
@@ -86,8 +87,9 @@ def beats_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
       c.embed_dim, 1, c.input_patch_size, c.input_patch_size)}
   for name, pre in (("layer_norm", "layer_norm"),):
     out[f"{pre}.weight"], out[f"{pre}.bias"] = a(params[name]["weight"]), a(params[name]["bias"])
-  out["post_extract_proj.weight"] = a(params["post_extract_proj"]["kernel"]).T
-  out["post_extract_proj.bias"] = a(params["post_extract_proj"]["bias"])
+  if "post_extract_proj" in params:  # absent when embed_dim == encoder_embed_dim, as in the official model
+    out["post_extract_proj.weight"] = a(params["post_extract_proj"]["kernel"]).T
+    out["post_extract_proj.bias"] = a(params["post_extract_proj"]["bias"])
   enc = params["encoder"]
   v = a(enc["pos_conv_weight"]).transpose(2, 1, 0)
   out["encoder.pos_conv.0.weight_v"] = v

@@ -30,7 +30,7 @@ def run(config, workdir: str) -> dict:
   data = config.data
   if not data.corpora:
     paths = synthetic.write_corpus(os.path.join(workdir, "synthetic"), train=32, val=0, seed=config.seed)
-    data.corpora = ({"format": "json", "path": paths["train"],
+    data.corpora = ({"format": "json", "path": paths["train_qa" if config.stage == "stage3" else "train"],
                      "data_root": os.path.join(workdir, "synthetic")},)
     print(f"no corpora configured: wrote a synthetic corpus to {workdir}/synthetic")
   rows = collections.Counter()
@@ -54,6 +54,12 @@ def run(config, workdir: str) -> dict:
     tok = text_lib.load_tokenizer(data.get("load", {}).get("tokenizer", ""))
     for ids in first["text_ids"][:3]:
       print("  caption:", tok.decode(ids, skip_special_tokens=True))
+  if "llm_ids" in first:
+    from internvideo2_jax.data import instruct
+    tok = instruct.load_llm_tokenizer(data.get("instruct", {}).get("tokenizer", ""))
+    for i in range(min(2, len(first["llm_ids"]))):
+      prompt, answers = instruct.decode_example(tok, {k: v[i] for k, v in first.items()})
+      print(f"  conversation: {prompt}\n  trained on:   {answers}")
   sheet = os.path.join(workdir, "batch.png")
   synthetic.write_png(sheet, _contact_sheet(first["video"]))
   print(f"contact sheet of the first batch: {sheet}")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from internvideo2_jax.data import audio as audio_lib, masks, text as text_lib, transforms
+from internvideo2_jax.data import audio as audio_lib, instruct, masks, text as text_lib, transforms
 from internvideo2_jax.data.video import VideoFile, VideoReadError, frame_indices, segment_indices
 
 # Skip reasons, in the order of the `skipped` counts vector of every batch.
@@ -52,6 +52,7 @@ class LoadSpec:
   tubelet_size: int = 1
   min_frames: int = 1             # videos with fewer decodable frames are skipped
   sample_id: str = "media"        # media | caption: what makes two examples VTC positives
+  instruct: Optional[instruct.InstructSpec] = None  # stage 3: conversation tokens for the LLM
   train: bool = True
 
   def grid(self, frames: int) -> tuple[int, int, int]:
@@ -70,17 +71,20 @@ def _indices(spec: LoadSpec, vlen: int, rng: np.random.Generator, fps: float = 3
   return frame_indices(spec.num_frames, vlen, spec.sample, rng=rng, input_fps=fps)
 
 
-def _decode(rec: dict, spec: LoadSpec, rng: np.random.Generator, size) -> np.ndarray:
-  """The sampled frames of a record, from its decoded cache or by seeking in the file."""
+def _decode(rec: dict, spec: LoadSpec, rng: np.random.Generator, size) -> tuple[np.ndarray, np.ndarray]:
+  """The sampled frames of a record, from its decoded cache or by seeking in the file, and the
+  time of each in seconds from the clip's start (for the stage-3 time message)."""
   if rec.get("frames") is not None:  # decoded once (sources.cache_frames)
     cached = rec["frames"]
     if rec["media"] == "image":
-      return np.repeat(cached[:1], spec.image_frames, axis=0)
-    clip = cached[_indices(spec, len(cached), rng)]
-    return clip if size is None else transforms.resize(clip, *size)
+      return np.repeat(cached[:1], spec.image_frames, axis=0), np.zeros(spec.image_frames, np.float32)
+    idx = _indices(spec, len(cached), rng)
+    clip = cached[idx]
+    times = np.asarray(rec.get("frame_times", np.arange(len(cached)) / 30.0))[idx]
+    return (clip if size is None else transforms.resize(clip, *size)), times
   with _open(rec) as v:
     if rec["media"] == "image":
-      return np.repeat(v.read([0], size=size), spec.image_frames, axis=0)
+      return np.repeat(v.read([0], size=size), spec.image_frames, axis=0), np.zeros(spec.image_frames, np.float32)
     n = v.num_frames()
     start, end = 0, n
     if rec["start_frame"] >= 0 or rec["end_frame"] >= 0:
@@ -93,17 +97,18 @@ def _decode(rec: dict, spec: LoadSpec, rng: np.random.Generator, size) -> np.nda
     if vlen < spec.min_frames:
       raise SkipExample("short_clip", f"{v.name}: clip has {vlen} frames "
                                       f"(window {start}..{end}), need {spec.min_frames}")
-    return v.read([start + i for i in _indices(spec, vlen, rng, v.fps or 30.0)], size=size)
+    idx = _indices(spec, vlen, rng, v.fps or 30.0)
+    return v.read([start + i for i in idx], size=size), np.asarray(idx, np.float32) / (v.fps or 30.0)
 
 
-def _frames(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> np.ndarray:
+def _frames(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   squash = spec.crop == "squash" or not spec.train
-  clip = _decode(rec, spec, rng, (spec.size, spec.size) if squash else None)
+  clip, times = _decode(rec, spec, rng, (spec.size, spec.size) if squash else None)
   if squash:
-    return clip
+    return clip, times
   flip = spec.flip and rec["source"] not in spec.no_flip_sources
   kind = "multiscale" if spec.crop == "multiscale" else "rrc"
-  return transforms.train_transform(clip, spec.size, rng, kind=kind, flip=flip, scale=spec.rrc_scale)
+  return transforms.train_transform(clip, spec.size, rng, kind=kind, flip=flip, scale=spec.rrc_scale), times
 
 
 def _caption(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> str:
@@ -129,7 +134,7 @@ def _waveform(rec: dict) -> Optional[np.ndarray]:
 def load_example(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> dict:
   """The example of one record; raises SkipExample when the record is unusable."""
   try:
-    video = _frames(rec, spec, rng)
+    video, times = _frames(rec, spec, rng)
   except VideoReadError as e:
     raise SkipExample(e.reason, str(e)) from e
   is_image = rec["media"] == "image"
@@ -149,6 +154,11 @@ def load_example(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> dict:
       wave = audio_lib.crop_or_pad(wave, spec.audio_seconds, rng=rng if spec.train else None)
     out["audio"], has = audio_lib.fbank_features(wave)
     out["has_audio"] = np.bool_(has)
+  if spec.instruct is not None:
+    try:
+      out.update(instruct.instruct_example(rec, spec.instruct, times, rng, spec.train))
+    except instruct.BadConversation as e:
+      raise SkipExample("bad_caption", f"{rec['key']}: {e}") from e
   if spec.mask != "none":
     frames = spec.image_frames if is_image else spec.num_frames
     ratio = spec.image_mask_ratio if is_image else spec.mask_ratio

@@ -27,12 +27,14 @@ import jax
 import numpy as np
 
 from internvideo2_jax.data import sources
+from internvideo2_jax.data.instruct import InstructSpec
 from internvideo2_jax.data.loader import REASONS, LoadSpec, SkipExample, load_example
 
 log = logging.getLogger(__name__)
 
 # key -> (shape, dtype, stages, meaning). B = batch, T = frames (1 for image corpora),
-# S = image size, L = max_txt_l, N = tokens (T/tubelet * (S/patch)^2).
+# S = image size, L = max_txt_l, N = tokens (T/tubelet * (S/patch)^2); stage 3: M = instruct
+# max_txt_l + visual_tokens, I = instruct.instruction_l (see data/instruct.py).
 BATCH_SPEC = {
     "video": ("(B, T, S, S, 3)", "uint8", "1 2 eval", "RGB frames, normalised on device"),
     "label": ("(B,)", "int32", "1 2 eval", "class id or -1"),
@@ -41,6 +43,12 @@ BATCH_SPEC = {
     "audio": ("(B, 998, 64)", "float32", "2 (audio on)", "normalised Kaldi fbank, zeros if none"),
     "has_audio": ("(B,)", "bool", "2 (audio on)", "False = no/undecodable audio"),
     "mask": ("(B, N)", "bool", "2 (mask on)", "True = token dropped (random / tube)"),
+    "llm_ids": ("(B, M)", "int32", "3", "[BOS] prompt <Video> [visual slots] </Video> ... [pad]"),
+    "llm_mask": ("(B, M)", "int32", "3", "1 = real token or visual slot"),
+    "llm_visual": ("(B, M)", "bool", "3", "True = slot for the next visual token"),
+    "llm_labels": ("(B, M)", "int32", "3", "answer token ids, -100 elsewhere (unshifted)"),
+    "instruction_ids": ("(B, I)", "int32", "3 (qformer_text)", "BERT ids of the instruction, left-padded"),
+    "instruction_mask": ("(B, I)", "int32", "3 (qformer_text)", "1 = real token"),
     "skipped": ("(B, R)", "int32", "all", f"replaced bad records per reason {REASONS}"),
     "index": ("(B,)", "int64", "all", "global example index (for resume checks)"),
     "sample_id": ("(B,)", "int32", "all", "VTC positives share it (media or caption hash)"),
@@ -102,11 +110,16 @@ class RobustLoad(grain.MapDataset):
                        f"{index}; last: {last}. Check the corpus paths (data_root).")
 
 
-def _spec_from_config(data_cfg, model_cfg, stage: str, train: bool) -> LoadSpec:
-  d = dict(data_cfg.get("load", {}))
-  unknown = sorted(set(d) - {f.name for f in LoadSpec.__dataclass_fields__.values()})
+def _fields(cls, d: dict, where: str) -> dict:
+  unknown = sorted(set(d) - set(cls.__dataclass_fields__))
   if unknown:
-    raise ValueError(f"unknown data.load keys {unknown}; valid: {sorted(LoadSpec.__dataclass_fields__)}")
+    raise ValueError(f"unknown {where} keys {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
+  return d
+
+
+def _spec_from_config(data_cfg, model_cfg, stage: str, train: bool) -> LoadSpec:
+  d = _fields(LoadSpec, dict(data_cfg.get("load", {})), "data.load")
+  d.pop("instruct", None)
   d.setdefault("size", model_cfg.img_size)
   d.setdefault("patch_size", model_cfg.patch_size)
   d.setdefault("tubelet_size", model_cfg.tubelet_size)
@@ -115,6 +128,10 @@ def _spec_from_config(data_cfg, model_cfg, stage: str, train: bool) -> LoadSpec:
     d.setdefault("sample", "segments")
     d.setdefault("crop", "multiscale")
     d.setdefault("text", False)
+  if stage == "stage3":
+    d.setdefault("text", False)  # the conversation replaces the caption
+    inst = dict(data_cfg.get("instruct", {}))
+    d["instruct"] = InstructSpec(**_fields(InstructSpec, inst, "data.instruct")).validate()
   if not train:
     d.update(sample="middle" if d.get("sample", "rand") != "segments" else "segments",
              crop="squash", flip=False, mask="none", train=False)
@@ -146,9 +163,9 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
   data_cfg.corpora: list of {format, path, data_root, weight, ...} (see sources.open_corpus);
   data_cfg.batch_size is the *global* batch; each process gets batch_size / process_count.
   """
-  if stage not in ("stage1", "stage2"):
-    raise ValueError(f"unknown data stage {stage!r}: stage1 (distillation clips) or stage2 "
-                     "(video/image-text-audio); the stage-3 instruction data comes with stage 3")
+  if stage not in ("stage1", "stage2", "stage3"):
+    raise ValueError(f"unknown data stage {stage!r}: stage1 (distillation clips), stage2 "
+                     "(video/image-text-audio) or stage3 (instruction conversations)")
   seed = int(data_cfg.get("seed", 0) if seed is None else seed)
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count

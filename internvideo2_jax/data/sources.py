@@ -12,6 +12,7 @@ A record:
   start_time / end_time     clip window in seconds (stage-1 CSV; -1 = whole video)
   source      corpus / dataset name (e.g. "ssv2": per-source options such as no flip)
   label       int class id (-1 if none)
+  qa          instruction data (stage 3): [{"i": instruction, "q": question, "a": answer}, ...]
 
 Formats: the official JSON annotation lists (also JSON Lines), the stage-1 CSV rows
 `source path total_time start_time end_time target`, ArrayRecord shards written by
@@ -36,15 +37,15 @@ log = logging.getLogger(__name__)
 
 RECORD_DEFAULTS = dict(key="", media="video", path="", data=b"", captions=[], caption_fields={},
                        audio="", audio_pcm=b"", start_frame=-1, end_frame=-1, start_time=-1.0,
-                       end_time=-1.0, source="", label=-1)
+                       end_time=-1.0, source="", label=-1, qa=[])
 
 
 def make_record(**fields) -> dict:
-  unknown = sorted(set(fields) - set(RECORD_DEFAULTS) - {"frames"})
+  unknown = sorted(set(fields) - set(RECORD_DEFAULTS) - {"frames", "frame_times"})
   if unknown:
     raise ValueError(f"unknown record fields {unknown}")
   rec = {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
-         for k, v in RECORD_DEFAULTS.items()}
+         for k, v in RECORD_DEFAULTS.items()}  # fresh containers: records never share lists
   rec.update(fields)
   return rec
 
@@ -63,6 +64,21 @@ def _captions(value: Any) -> list[str]:
   if isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value):
     return list(value)
   raise ValueError(f"caption must be a string or a list of strings, got {type(value).__name__}")
+
+
+def _qa(value: Any) -> list[dict]:
+  """VideoChat2 instruction rows: a non-empty list of {"i"?, "q"?, "a"} string fields."""
+  if not isinstance(value, list) or not value:
+    raise ValueError("'QA' must be a non-empty list of {\"q\", \"a\"} objects")
+  out = []
+  for n, turn in enumerate(value):
+    if not isinstance(turn, dict) or not isinstance(turn.get("a"), str) or not turn["a"].strip():
+      raise ValueError(f"QA[{n}] needs a non-empty string 'a' (answer)")
+    extra = sorted(k for k in ("i", "q") if not isinstance(turn.get(k, ""), str))
+    if extra:
+      raise ValueError(f"QA[{n}] fields {extra} must be strings")
+    out.append({"i": turn.get("i", ""), "q": turn.get("q", ""), "a": turn["a"]})
+  return out
 
 
 def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", source: str = "") -> dict:
@@ -95,10 +111,19 @@ def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", sour
   start, end = frame("video_start_frame"), frame("video_end_frame")
   if 0 <= end <= start:
     raise ValueError(f"empty clip window video_start_frame={start} video_end_frame={end}")
+  # VideoChat2 instruction rows give the clip in seconds as "start"/"end".
+  start_t, end_t = -1.0, -1.0
+  if "start" in row and "end" in row:
+    if not all(isinstance(row[k], (int, float)) and not isinstance(row[k], bool) for k in ("start", "end")):
+      raise ValueError(f"'start'/'end' must be seconds, got {row['start']!r}, {row['end']!r}")
+    start_t, end_t = float(row["start"]), float(row["end"])
+    if end_t <= start_t:
+      raise ValueError(f"empty clip window start={start_t} end={end_t}")
   full = _join(data_root, path)
   return make_record(key=full, media=media, path=full, captions=captions, caption_fields=fields,
                      audio=_join(audio_root or data_root, audio) if audio else "",
-                     start_frame=start, end_frame=end, source=source or row.get("source", ""),
+                     start_frame=start, end_frame=end, start_time=start_t, end_time=end_t,
+                     source=source or row.get("source", ""), qa=_qa(row["QA"]) if "QA" in row else [],
                      label=int(row["label"]) if isinstance(row.get("label"), int) else -1)
 
 
@@ -280,6 +305,7 @@ def cache_frames(records, size: int, *, max_frames: int = 64, progress: bool = T
         idx = list(range(count)) if count <= max_frames else \
             [int(j) for j in np.linspace(0, count - 1, max_frames).round()]
         rec["frames"] = v.read(idx, size=(size, size))
+        rec["frame_times"] = np.asarray(idx, np.float32) / (v.fps or 30.0)
         rec["data"] = b""
       out.append(rec)
     except (VideoReadError, ValueError) as e:

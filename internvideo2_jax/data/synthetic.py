@@ -5,11 +5,14 @@ up or down, with one of several sounds (a low hum, a high beep, a rising or a fa
 silence). Captions describe what is seen (`caption`, video-text training) and, in
 `avs_captions`, also what is heard, so telling some captions apart needs temporal modelling
 (direction) and some need the audio (sound). A few clips have no audio track at all.
+Instruction rows (VideoChat2 format, `{split}_qa.json`) ask about colour, shape, motion and
+sound, for stage 3.
 
     python -m internvideo2_jax.data.synthetic --out DIR [--train 400 --val 100 --images 100]
 
 writes DIR/videos/*.mp4 (h264 + AAC), DIR/images/*.png, and official-format annotations
-DIR/{train,val}.json, DIR/train_images.json and the stage-1 CSV DIR/train_stage1.csv.
+DIR/{train,val}.json, DIR/{train,val}_qa.json, DIR/train_images.json and the stage-1 CSV
+DIR/train_stage1.csv.
 Deterministic for a seed.
 """
 
@@ -141,6 +144,21 @@ def captions_for(shape: str, colour: str, direction: str, sound: str) -> dict:
   return {"caption": seen[0], "captions": seen, "avs_captions": heard}
 
 
+QA_INSTRUCTION = "Carefully watch the video and answer the question in a few words."
+
+
+def qa_for(shape: str, colour: str, direction: str, sound: str) -> list[dict]:
+  """VideoChat2-style QA pairs about one clip ("none" sound = no audio track: not asked)."""
+  verb = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down"}[direction]
+  qa = [{"i": QA_INSTRUCTION, "q": "What colour is the shape?", "a": colour},
+        {"i": QA_INSTRUCTION, "q": "What shape is in the video?", "a": f"a {shape}"},
+        {"i": QA_INSTRUCTION, "q": "Which way does the shape move?", "a": f"it {verb}"},
+        {"i": QA_INSTRUCTION, "q": "Describe the video.", "a": f"A {colour} {shape} {verb}."}]
+  if sound != "none":
+    qa.append({"i": QA_INSTRUCTION, "q": "What can be heard?", "a": SOUNDS[sound][0]})
+  return qa
+
+
 def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0, seed: int = 0,
                  num_frames: int = 16, size: int = 64, fps: int = 8, no_audio_every: int = 10,
                  radius=(0.12, 0.2)) -> dict:
@@ -155,7 +173,7 @@ def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0,
   combos = [(sh, co, di) for sh in SHAPES for co in colours for di in dirs]
   val_order = [combos[j] for j in rng.permutation(len(combos))]
   for split, n in (("train", train), ("val", val)):
-    rows = []
+    rows, qa_rows = [], []
     for i in range(n):
       if split == "val":
         shape, colour, direction = val_order[i % len(val_order)]
@@ -173,11 +191,15 @@ def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0,
              "shape": shape, "colour": colour, "direction": direction,
              "sound": sound if has_track else "none", "label": dirs.index(direction)}
       rows.append(row)
+      qa_rows.append({"video": rel, "QA": qa_for(shape, colour, direction, row["sound"])})
       if split == "train":
         csv_rows.append(f"synthetic {rel} {num_frames / fps:.3f} 0.0 {num_frames / fps:.3f} {row['label']}")
     paths[split] = os.path.join(out, f"{split}.json")
     with open(paths[split], "w") as f:
       json.dump(rows, f, indent=0)
+    paths[f"{split}_qa"] = os.path.join(out, f"{split}_qa.json")
+    with open(paths[f"{split}_qa"], "w") as f:
+      json.dump(qa_rows, f, indent=0)
   if images:
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rows = []

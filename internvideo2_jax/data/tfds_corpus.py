@@ -23,7 +23,8 @@ from internvideo2_jax.data import pack, sources
 class InternvideoCorpus(tfds.core.GeneratorBasedBuilder):
   """Video/image-text(-audio) records; registered as `internvideo_corpus`."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "qa: stage-3 instruction pairs (JSON text)"}
 
   def __init__(self, *, annotations: Optional[dict] = None, data_root: str = "",
                audio_root: str = "", source: str = "", pack_kwargs: Optional[dict] = None, **kw):
@@ -39,7 +40,7 @@ class InternvideoCorpus(tfds.core.GeneratorBasedBuilder):
         "key": f.Text(), "media": f.Text(), "path": f.Text(), "data": raw(),
         "captions": f.Text(), "caption_fields": f.Text(), "audio_pcm": raw(),
         "start_frame": np.int64, "end_frame": np.int64, "start_time": np.float64,
-        "end_time": np.float64, "source": f.Text(), "label": np.int64}))
+        "end_time": np.float64, "source": f.Text(), "label": np.int64, "qa": f.Text()}))
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -62,7 +63,7 @@ class InternvideoCorpus(tfds.core.GeneratorBasedBuilder):
           "caption_fields": json.dumps(packed["caption_fields"]), "audio_pcm": packed["audio_pcm"],
           "start_frame": packed["start_frame"], "end_frame": packed["end_frame"],
           "start_time": packed["start_time"], "end_time": packed["end_time"],
-          "source": packed["source"], "label": packed["label"]}
+          "source": packed["source"], "label": packed["label"], "qa": json.dumps(packed["qa"])}
 
 
 def build(annotations: dict, data_dir: str, **kw) -> InternvideoCorpus:
@@ -82,7 +83,8 @@ def record_from_example(ex: dict) -> dict:
       captions=json.loads(_text(ex["captions"])), caption_fields=json.loads(_text(ex["caption_fields"])),
       audio_pcm=bytes(ex["audio_pcm"]), start_frame=int(ex["start_frame"]),
       end_frame=int(ex["end_frame"]), start_time=float(ex["start_time"]),
-      end_time=float(ex["end_time"]), source=_text(ex["source"]), label=int(ex["label"]))
+      end_time=float(ex["end_time"]), source=_text(ex["source"]), label=int(ex["label"]),
+      qa=json.loads(_text(ex["qa"])) if "qa" in ex else [])
 
 
 class TfdsCorpus:

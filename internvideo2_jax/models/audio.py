@@ -73,9 +73,13 @@ class _Layer(nn.Module):
     v = Linear((h, hd), ("embed", "heads", "head_dim"), dtype=self.dtype, name="v_proj")(x)
     bias = position_bias[None]                                       # (1, H, T, T)
     if c.gru_rel_pos:
-      # The gate reads the *unscaled* q projection (bias included).
-      g = jax.nn.sigmoid(Linear(8, ("head_dim", None), dtype=jnp.float32, name="grep_linear")(q.astype(jnp.float32)))
-      g = g.reshape(g.shape[:-1] + (2, 4)).sum(-1)                    # (B, T, H, 2)
+      # The gate reads the *unscaled* q projection (bias included). Official:
+      #   sigmoid(grep_linear(q).view(B, H, L, 2, 4).sum(-1)).chunk(2, -1)
+      # i.e. the sigmoid is taken of the two 4-sums, not summed over 4 sigmoids (an earlier version
+      # did the latter; gates then lay in (0, 4) instead of (0, 1) and tests/test_beats_golden.py
+      # was off by ~0.9 after one layer).
+      g = Linear(8, ("head_dim", None), dtype=jnp.float32, name="grep_linear")(q.astype(jnp.float32))
+      g = jax.nn.sigmoid(g.reshape(g.shape[:-1] + (2, 4)).sum(-1))    # (B, T, H, 2)
       gate_a, gate_b = g[..., 0], g[..., 1]
       grep_a = param_with_axes(self, "grep_a", nn.initializers.ones, (1, h, 1, 1), (None, "heads", None, None))
       gate = gate_a * (gate_b * grep_a[0, :, 0, 0] - 1.0) + 2.0      # (B, T, H)
@@ -104,7 +108,10 @@ class AudioEncoder(nn.Module):
     x = x.reshape(b, (t // p) * (f // p), p * p)                      # tokens in (time, freq) order
     x = Linear(c.embed_dim, (None, "embed"), use_bias=False, dtype=dtype, name="patch_embedding")(x)
     x = LayerNorm(1e-5, name="layer_norm")(x)
-    x = Linear(c.encoder_embed_dim, ("embed", "embed_out"), dtype=dtype, name="post_extract_proj")(x)
+    # Official BEATs builds post_extract_proj only when embed_dim != encoder_embed_dim (else None,
+    # and the checkpoint has no such key); mirror that so such cfgs convert.
+    if c.embed_dim != c.encoder_embed_dim:
+      x = Linear(c.encoder_embed_dim, ("embed", "embed_out"), dtype=dtype, name="post_extract_proj")(x)
     return _Encoder(c, dtype, name="encoder")(x.astype(jnp.float32))
 
 
