@@ -106,6 +106,11 @@ def kaldi_fbank(wave: np.ndarray, *, num_bins: int = NUM_BINS, sample_rate: int 
   return np.log(np.maximum(mel, np.finfo(np.float32).eps)).astype(np.float32)
 
 
+def fbank_frames(seconds: float, sample_rate: int = SAMPLE_RATE) -> int:
+  """Kaldi frames of `seconds` of audio (10 s -> 998, the official BEATs input)."""
+  return 1 + (int(seconds * sample_rate) - FRAME_LEN) // FRAME_SHIFT
+
+
 def fbank_features(wave: Optional[np.ndarray], *, target_frames: int = 998) -> tuple[np.ndarray, bool]:
   """Official audio features: (target_frames, 64) normalised fbank and whether audio was present.
 

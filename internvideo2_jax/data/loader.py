@@ -44,7 +44,7 @@ class LoadSpec:
   max_caption_chars: int = 2000   # longer strings are rejected before tokenization
   tokenizer: str = ""             # local directory; "" = the bundled bert-base-uncased vocab
   audio: bool = False
-  audio_seconds: float = 10.0
+  audio_seconds: float = 10.0     # crop / pad length (official 10 s -> 998 fbank frames)
   mask: str = "none"              # none | random | tube
   mask_ratio: float = 0.8
   image_mask_ratio: float = 0.5
@@ -133,6 +133,8 @@ def _waveform(rec: dict) -> Optional[np.ndarray]:
 
 def load_example(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> dict:
   """The example of one record; raises SkipExample when the record is unusable."""
+  if rec["media"] == "audio":
+    raise SkipExample("no_video_stream", f"{rec['key']}: audio-only row (evaluation only)")
   try:
     video, times = _frames(rec, spec, rng)
   except VideoReadError as e:
@@ -152,7 +154,7 @@ def load_example(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> dict:
         wave = None  # silent videos are common; has_audio says so
     if wave is not None:
       wave = audio_lib.crop_or_pad(wave, spec.audio_seconds, rng=rng if spec.train else None)
-    out["audio"], has = audio_lib.fbank_features(wave)
+    out["audio"], has = audio_lib.fbank_features(wave, target_frames=audio_lib.fbank_frames(spec.audio_seconds))
     out["has_audio"] = np.bool_(has)
   if spec.instruct is not None:
     try:

@@ -40,7 +40,7 @@ BATCH_SPEC = {
     "label": ("(B,)", "int32", "1 2 eval", "class id or -1"),
     "text_ids": ("(B, L)", "int32", "2 eval", "BERT token ids of the chosen caption"),
     "text_mask": ("(B, L)", "int32", "2 eval", "1 = real token"),
-    "audio": ("(B, 998, 64)", "float32", "2 (audio on)", "normalised Kaldi fbank, zeros if none"),
+    "audio": ("(B, F, 64)", "float32", "2 (audio on)", "normalised Kaldi fbank, zeros if none; F = 998 for 10 s"),
     "has_audio": ("(B,)", "bool", "2 (audio on)", "False = no/undecodable audio"),
     "mask": ("(B, N)", "bool", "2 (mask on)", "True = token dropped (random / tube)"),
     "llm_ids": ("(B, M)", "int32", "3", "[BOS] prompt <Video> [visual slots] </Video> ... [pad]"),

@@ -2,7 +2,7 @@
 
 A record:
   key         unique id (the media path, or the row id)
-  media       "video" | "image"
+  media       "video" | "image" | "audio" (audio-only rows: evaluation only)
   path        file to decode (absolute), or "" when `data` holds the encoded bytes
   data        encoded media bytes (ArrayRecord / TFDS records), else b""
   captions    list of str; `caption_fields` keeps other caption keys, e.g. {"avs_captions": [...]}
@@ -85,9 +85,11 @@ def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", sour
   """One official JSON annotation row -> record. Raises ValueError naming what is wrong."""
   if not isinstance(row, dict):
     raise ValueError(f"row is {type(row).__name__}, not an object")
-  media = "video" if "video" in row else "image" if "image" in row else None
+  # Audio-only rows ({"audio": ..., "caption": ...}) serve audio evaluation; training stages
+  # skip them (they have no frames).
+  media = "video" if "video" in row else "image" if "image" in row else "audio" if "audio" in row else None
   if media is None:
-    raise ValueError("row has neither 'video' nor 'image'")
+    raise ValueError("row has neither 'video', 'image' nor 'audio'")
   path = row[media]
   if not isinstance(path, str) or not path:
     raise ValueError(f"'{media}' must be a non-empty string")

@@ -161,8 +161,12 @@ def qa_for(shape: str, colour: str, direction: str, sound: str) -> list[dict]:
 
 def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0, seed: int = 0,
                  num_frames: int = 16, size: int = 64, fps: int = 8, no_audio_every: int = 10,
-                 radius=(0.12, 0.2)) -> dict:
-  """Writes the corpus; returns {split: annotation path}."""
+                 radius=(0.12, 0.2), val_av: int = 0) -> dict:
+  """Writes the corpus; returns {split: annotation path}.
+
+  `val_av` > 0 also writes `val_av.json`: val_av // 2 visual combinations, each shown twice
+  with two different sounds, so its `avs_captions` can only be told apart by the audio.
+  """
   os.makedirs(os.path.join(out, "videos"), exist_ok=True)
   rng = np.random.default_rng(seed)
   colours, dirs, sounds = list(COLOURS), list(DIRECTIONS), list(SOUNDS)
@@ -200,6 +204,22 @@ def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0,
     paths[f"{split}_qa"] = os.path.join(out, f"{split}_qa.json")
     with open(paths[f"{split}_qa"], "w") as f:
       json.dump(qa_rows, f, indent=0)
+  if val_av:
+    rows = []
+    audible = [k for k in SOUNDS if k != "silent"]
+    for i in range(val_av // 2):
+      shape, colour, direction = val_order[i % len(val_order)]
+      for j, sound in enumerate(rng.choice(audible, size=2, replace=False)):
+        rel = f"videos/val_av_{i:05d}_{j}.mp4"
+        frames = render_clip(rng, num_frames, size, shape=shape, colour=colour, direction=direction,
+                             radius=radius)
+        write_mp4(os.path.join(out, rel), frames, fps, audio=render_tone(rng, str(sound), num_frames / fps))
+        rows.append({"video": rel, **captions_for(shape, colour, direction, str(sound)),
+                     "sound_caption": SOUNDS[str(sound)][0], "shape": shape, "colour": colour,
+                     "direction": direction, "sound": str(sound)})
+    paths["val_av"] = os.path.join(out, "val_av.json")
+    with open(paths["val_av"], "w") as f:
+      json.dump(rows, f, indent=0)
   if images:
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rows = []
@@ -224,13 +244,14 @@ def main(argv=None) -> None:
   p.add_argument("--train", type=int, default=400)
   p.add_argument("--val", type=int, default=100)
   p.add_argument("--images", type=int, default=0)
+  p.add_argument("--val_av", type=int, default=0, help="clips of the audio-pairs split (val_av.json)")
   p.add_argument("--frames", type=int, default=16)
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--fps", type=int, default=8)
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
   paths = write_corpus(a.out, train=a.train, val=a.val, images=a.images, seed=a.seed,
-                       num_frames=a.frames, size=a.size, fps=a.fps)
+                       num_frames=a.frames, size=a.size, fps=a.fps, val_av=a.val_av)
   for name, path in paths.items():
     print(f"{name}: {path}")
 

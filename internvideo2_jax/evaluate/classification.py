@@ -1,6 +1,9 @@
 """Zero-shot classification with the 16 ActionCLIP prompt templates (official
 `kinetics_templates_action_clip`): every prompt is encoded and normalised on its own, video-text
-similarities are averaged over the prompts (not the embeddings), top-1/top-5 in percent."""
+similarities are averaged over the prompts (not the embeddings), top-1/top-5 in percent.
+
+Audio classification uses the same rule with AUDIO_TEMPLATES (ours: the official code has no
+audio protocol)."""
 
 from __future__ import annotations
 
@@ -17,15 +20,26 @@ TEMPLATES = (
 )
 
 
+AUDIO_TEMPLATES = ("{}", "the sound of {}", "a recording of {}", "this is the sound of {}",
+                   "a video with the sound of {}")
+
+
 def zero_shot_classify(encoder, videos: np.ndarray, labels: np.ndarray, class_names, *, tokenizer,
                        max_txt_l: int = 32, templates=TEMPLATES) -> dict:
+  _, vfeat = encoder.videos(videos)                        # (N, E), normalised
+  return classify_features(encoder, vfeat, labels, class_names, tokenizer=tokenizer,
+                           max_txt_l=max_txt_l, templates=templates)
+
+
+def classify_features(encoder, feats: np.ndarray, labels: np.ndarray, class_names, *, tokenizer,
+                      max_txt_l: int = 32, templates=TEMPLATES) -> dict:
+  """Top-1/top-5 of L2-normalised media features `feats` (N, E) against the class prompts."""
   prompts = [text_lib.pre_text(t.format(c)) for c in class_names for t in templates]
   ids, mask = text_lib.tokenize(tokenizer, prompts, max_txt_l)
   _, tfeat = encoder.texts(ids, mask)                      # (C * P, E), normalised
-  _, vfeat = encoder.videos(videos)                        # (N, E)
-  sim = (vfeat @ tfeat.T).reshape(len(videos), len(class_names), len(templates)).mean(-1)
+  sim = (feats @ tfeat.T).reshape(len(feats), len(class_names), len(templates)).mean(-1)
   order = np.argsort(-sim, axis=1)
   labels = np.asarray(labels)
   top1 = float(np.mean(order[:, 0] == labels)) * 100
   top5 = float(np.mean([labels[i] in order[i, :5] for i in range(len(labels))])) * 100
-  return {"top1": top1, "top5": top5, "num_videos": int(len(videos)), "num_classes": len(class_names)}
+  return {"top1": top1, "top5": top5, "num_examples": int(len(feats)), "num_classes": len(class_names)}

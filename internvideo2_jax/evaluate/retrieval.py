@@ -143,6 +143,27 @@ class Encoder:
     return self._run(self._itm, [text_hidden, text_mask, memory])[0]
 
 
+def rerank(itc: np.ndarray, k_test: int, score_fn) -> tuple[np.ndarray, np.ndarray]:
+  """Official re-ranking: the top-k texts of each video and top-k videos of each text (by ITC)
+  get `score_fn(video_idx, text_idx)` (one call over all pairs), everything else -100."""
+  nv, nt = itc.shape
+  kv, kt = min(k_test, nt), min(k_test, nv)
+  top_t = np.argsort(-itc, axis=1)[:, :kv]         # per video, its top texts
+  top_v = np.argsort(-itc.T, axis=1)[:, :kt]       # per text, its top videos
+  pairs = {(v, t) for v in range(nv) for t in top_t[v]} | {(v, t) for t in range(nt) for v in top_v[t]}
+  pairs = np.asarray(sorted(pairs), np.int64)
+  score = dict(zip(map(tuple, pairs.tolist()), np.asarray(score_fn(pairs[:, 0], pairs[:, 1])).tolist()))
+  v2t = np.full((nv, nt), -100.0)
+  t2v = np.full((nt, nv), -100.0)
+  for v in range(nv):
+    for t in top_t[v]:
+      v2t[v, t] = score[(v, int(t))]
+  for t in range(nt):
+    for v in top_v[t]:
+      t2v[t, v] = score[(int(v), t)]
+  return v2t, t2v
+
+
 def evaluate_retrieval(encoder: Encoder, rset: RetrievalSet, *, tokenizer, max_txt_l: int,
                        k_test: int = 128) -> dict:
   """All retrieval numbers: {'itc': {...}, 'dsl': {...}, 'match': {...}}."""
@@ -152,58 +173,129 @@ def evaluate_retrieval(encoder: Encoder, rset: RetrievalSet, *, tokenizer, max_t
   itc = vfeat @ tfeat.T  # (Nv, Nt), temperature 1
   results = {"itc": recall_metrics(itc, itc.T, rset.txt2vid)}
   results["dsl"] = recall_metrics(dual_softmax(itc), dual_softmax(itc.T), rset.txt2vid)
-  nv, nt = itc.shape
-  kv, kt = min(k_test, nt), min(k_test, nv)
-  top_t = np.argsort(-itc, axis=1)[:, :kv]         # per video, its top texts
-  top_v = np.argsort(-itc.T, axis=1)[:, :kt]       # per text, its top videos
-  pairs = {(v, t) for v in range(nv) for t in top_t[v]} | {(v, t) for t in range(nt) for v in top_v[t]}
-  pairs = np.asarray(sorted(pairs), np.int64)
-  logits = encoder.itm(hidden[pairs[:, 1]], mask[pairs[:, 1]], memory[pairs[:, 0]])
-  score = dict(zip(map(tuple, pairs.tolist()), logits.tolist()))
-  v2t = np.full((nv, nt), -100.0)
-  t2v = np.full((nt, nv), -100.0)
-  for v in range(nv):
-    for t in top_t[v]:
-      v2t[v, t] = score[(v, int(t))]
-  for t in range(nt):
-    for v in top_v[t]:
-      t2v[t, v] = score[(int(v), t)]
+  v2t, t2v = rerank(itc, k_test, lambda v, t: encoder.itm(hidden[t], mask[t], memory[v]))
   results["match"] = recall_metrics(v2t, t2v, rset.txt2vid)
+  nv, nt = itc.shape
   results["num_videos"], results["num_texts"], results["k_test"] = nv, nt, min(k_test, max(nv, nt))
   return results
 
 
-def evaluate_av_retrieval(model, params, rset: RetrievalSet, *, tokenizer, max_txt_l: int,
-                          batch_size: int, norm: str = "imagenet") -> dict:
-  """Audio-visual model, ITC (temperature 1) only: text against the video feature, the audio
-  feature (clips with audio only) and the fused audio-video feature."""
-  from internvideo2_jax.models.stage2_av import Stage2AVModel
-  p = {"params": params}
-  vdt = jnp.dtype(model.config.vision.dtype)
-  enc_v = jax.jit(lambda p, v: model.apply(p, normalize(v, norm, vdt), method=Stage2AVModel.encode_vision)[1])
-  enc_a = jax.jit(lambda p, a: model.apply(p, a, method=Stage2AVModel.encode_audio)[1])
-  enc_t = jax.jit(lambda p, i, m: model.apply(p, i, m, method=Stage2AVModel.encode_text)[1])
-  fuse = jax.jit(lambda p, a, v: model.apply(p, a, v, method=Stage2AVModel.av_feature))
+class AVEncoder(Encoder):
+  """Jitted, mesh-sharded encoding and matching heads of a Stage2AVModel."""
 
-  def run(fn, *arrays):
-    outs = [np.asarray(fn(p, *[x[s:s + batch_size] for x in arrays])) for s in range(0, len(arrays[0]), batch_size)]
-    return np.concatenate(outs)
+  def __init__(self, model, params, mesh, *, batch_size: int, norm: str = "imagenet"):
+    from internvideo2_jax.models.stage2_av import Stage2AVModel as M
+    self.model, self.params, self.mesh, self.batch = model, {"params": params}, mesh, batch_size
+    vdtype = jnp.dtype(model.config.vision.dtype)
+    self._video = jax.jit(lambda p, v: model.apply(p, normalize(v, norm, vdtype), method=M.encode_vision))
+    self._audio = jax.jit(lambda p, a: model.apply(p, a, method=M.encode_audio))
+    self._text = jax.jit(lambda p, i, m: model.apply(p, i, m, method=M.encode_text))
+    self._fuse = jax.jit(lambda p, a, v: model.apply(p, a, v, method=M.av_feature))
+    self._heads = {h: jax.jit(lambda p, hid, m, mem, h=h: model.apply(p, h, hid, m, mem, method=M.match_logits)[:, 1])
+                   for h in ("itm_head", "atm_head", "avtm_head")}
 
+  def audios(self, fbank):
+    """-> (audio memory, raw audio feature)."""
+    return self._run(self._audio, [fbank])
+
+  def videos_raw(self, videos):
+    return self._run(self._video, [videos])
+
+  def fused(self, audio_feat, video_feat):
+    return self._run(self._fuse, [audio_feat, video_feat])[0]
+
+  def match(self, head: str, text_hidden, text_mask, memory):
+    return self._run(self._heads[head], [text_hidden, text_mask, memory])[0]
+
+
+def _text_to(encoder: AVEncoder, feats, head: str, memory, t, hidden, mask, gt, k_test) -> tuple[dict, dict]:
+  """(ITC, re-ranked) recalls of texts `t` (normalised) against media features `feats`."""
+  itc = np.asarray(l2_normalize(jnp.asarray(feats))) @ t.T
+  v2t, t2v = rerank(itc, k_test, lambda v, j: encoder.match(head, hidden[j], mask[j], memory(v)))
+  return recall_metrics(itc, itc.T, gt), recall_metrics(v2t, t2v, gt)
+
+
+def evaluate_av_retrieval(encoder: AVEncoder, rset: RetrievalSet, *, tokenizer, max_txt_l: int,
+                          k_test: int = 128) -> dict:
+  """Audio-visual model: text against the video feature, the audio feature (clips with audio
+  only) and the fused audio-video feature; ITC (temperature 1) as `text_to_<m>` and the official
+  re-ranking of the top k by the matching head of that memory (itm on video, atm on audio,
+  avtm on [audio; video]) as `text_to_<m>_match`."""
   ids, mask = text_lib.tokenize(tokenizer, rset.texts, max_txt_l)
-  fv, fa, ft = run(enc_v, rset.videos), run(enc_a, rset.audio), run(enc_t, ids, mask)
-  fav = run(fuse, fa, fv)
-  n = lambda x: np.asarray(l2_normalize(jnp.asarray(x)))  # noqa: E731
-  t = n(ft)
+  mem_v, fv = encoder.videos_raw(rset.videos)
+  mem_a, fa = encoder.audios(rset.audio)
+  hidden, t = encoder.texts(ids, mask)
+  fav = encoder.fused(fa, fv)
   out = {}
-  for name, feats in (("text_to_video", fv), ("text_to_av", fav)):
-    s = n(feats) @ t.T
-    out[name] = recall_metrics(s, s.T, rset.txt2vid)
-  keep = np.flatnonzero(rset.has_audio)
+  for name, feats, head, memory in (
+      ("text_to_video", fv, "itm_head", lambda v: mem_v[v]),
+      ("text_to_av", fav, "avtm_head", lambda v: np.concatenate([mem_a[v], mem_v[v]], axis=1))):
+    out[name], out[f"{name}_match"] = _text_to(encoder, feats, head, memory, t, hidden, mask,
+                                               rset.txt2vid, k_test)
+  keep = np.flatnonzero(rset.has_audio)       # text to audio: clips with an audio track only
   tkeep = np.flatnonzero(np.isin(rset.txt2vid, keep))
-  remap = {v: i for i, v in enumerate(keep)}
-  s = n(fa[keep]) @ t[tkeep].T
-  out["text_to_audio"] = recall_metrics(s, s.T, np.asarray([remap[v] for v in rset.txt2vid[tkeep]]))
+  if len(keep):
+    gt = np.searchsorted(keep, rset.txt2vid[tkeep])
+    out["text_to_audio"], out["text_to_audio_match"] = _text_to(
+        encoder, fa[keep], "atm_head", lambda v: mem_a[keep[v]], t[tkeep], hidden[tkeep],
+        mask[tkeep], gt, k_test)
   out["num_videos"], out["num_texts"], out["num_with_audio"] = len(fv), len(t), int(len(keep))
+  out["k_test"] = k_test
+  return out
+
+
+@dataclasses.dataclass
+class AudioSet:
+  audio: np.ndarray         # (N, F, 64) normalised fbank
+  texts: list[str]
+  txt2aud: np.ndarray
+  keys: list[str]
+  skipped: list[str]
+
+
+def load_audio_set(corpus: dict, *, audio_seconds: float = 10.0, caption_field: str = "captions",
+                   limit: Optional[int] = None) -> AudioSet:
+  """Audio (own file, or the video's track, first `audio_seconds`) and captions of every row;
+  rows without usable audio are skipped and listed (no video is decoded)."""
+  from internvideo2_jax.data import audio as audio_lib
+  records = sources.open_corpus(corpus)
+  frames = audio_lib.fbank_frames(audio_seconds)
+  audio, texts, t2a, keys, skipped = [], [], [], [], []
+  n = len(records) if limit is None else min(limit, len(records))
+  for i in range(n):
+    rec = records[i]
+    caps = rec["captions"] if caption_field in ("caption", "captions") else rec["caption_fields"].get(caption_field, [])
+    name = rec["audio"] or rec["path"] or rec["key"]
+    try:
+      wave = audio_lib.load_waveform(rec["audio"] or rec["data"] or rec["path"], name=name)
+    except audio_lib.AudioReadError as e:
+      skipped.append(str(e))
+      log.warning("audio set: skipping %s", e)
+      continue
+    if not caps:
+      skipped.append(f"{rec['key']}: no {caption_field}")
+      continue
+    fb, _ = audio_lib.fbank_features(audio_lib.crop_or_pad(wave, audio_seconds), target_frames=frames)
+    for c in caps:
+      texts.append(text_lib.pre_text(c))
+      t2a.append(len(audio))
+    audio.append(fb)
+    keys.append(rec["key"])
+  if not audio:
+    raise ValueError(f"audio set {corpus.get('path')}: no usable audio ({len(skipped)} skipped)")
+  return AudioSet(np.stack(audio), texts, np.asarray(t2a), keys, skipped)
+
+
+def evaluate_audio_retrieval(encoder: AVEncoder, aset: AudioSet, *, tokenizer, max_txt_l: int,
+                             k_test: int = 128) -> dict:
+  """Text-audio retrieval on an audio corpus: ITC and atm re-ranking (R@1/5/10 both ways)."""
+  ids, mask = text_lib.tokenize(tokenizer, aset.texts, max_txt_l)
+  mem_a, fa = encoder.audios(aset.audio)
+  hidden, t = encoder.texts(ids, mask)
+  out = {}
+  out["text_to_audio"], out["text_to_audio_match"] = _text_to(
+      encoder, fa, "atm_head", lambda v: mem_a[v], t, hidden, mask, aset.txt2aud, k_test)
+  out["num_audio"], out["num_texts"], out["k_test"] = len(fa), len(t), k_test
   return out
 
 
@@ -211,7 +303,8 @@ def format_table(results: dict) -> str:
   rows = ["| scores | t2v R@1 | R@5 | R@10 | v2t R@1 | R@5 | R@10 | mean |", "|---|---|---|---|---|---|---|---|"]
   if "text_to_audio" in results:
     rows[0] = "| text to | R@1 | R@5 | R@10 | reverse R@1 | R@5 | R@10 | mean |"
-  for name in [k for k in ("match", "itc", "dsl", "text_to_video", "text_to_audio", "text_to_av") if k in results]:
+  names = ("match", "itc", "dsl") + tuple(f"text_to_{m}{s}" for m in ("video", "audio", "av") for s in ("", "_match"))
+  for name in [k for k in names if k in results]:
     r = results[name]
     rows.append(f"| {name} | {r['t2v_r1']:.1f} | {r['t2v_r5']:.1f} | {r['t2v_r10']:.1f} | "
                 f"{r['v2t_r1']:.1f} | {r['v2t_r5']:.1f} | {r['v2t_r10']:.1f} | {r['r_mean']:.1f} |")

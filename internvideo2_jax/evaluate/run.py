@@ -9,6 +9,11 @@ latest Orbax checkpoint in `config.eval.checkpoint_dir` (default WORKDIR/checkpo
       --config.eval.weights=/ckpt/InternVideo2-stage2_1b-224p-f4.pt \
       --config.eval.corpus.path=/data/msrvtt/test.json --config.eval.corpus.data_root=/data/msrvtt
   ... --config.eval.task=classification  (rows {"video": ..., "caption": class name})
+
+Audio-visual models (`configs/stage2.py:...,av`): `retrieval` reports text to video / audio /
+audio-video (ITC and re-ranking by itm / atm / avtm); `audio_retrieval` and
+`audio_classification` read only the audio of each row (`"audio"` file or the video's track;
+rows may be audio-only, `{"audio": "x.wav", "caption": ...}`).
 """
 
 from __future__ import annotations
@@ -20,18 +25,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from internvideo2_jax.convert.io import load_state_dict
-from internvideo2_jax.convert.official import stage2_from_state_dict
+from internvideo2_jax.convert.official import stage2_av_from_state_dict, stage2_from_state_dict
 from internvideo2_jax.data import sources, text as text_lib
 from internvideo2_jax.data.loader import LoadSpec
 from internvideo2_jax.evaluate import classification, retrieval
 from internvideo2_jax.models.stage2 import Stage2Model
+from internvideo2_jax.ops.losses import l2_normalize
 from internvideo2_jax.parallel import mesh as mesh_lib
 
 
 def load_params(config, mcfg, workdir: str):
   if config.eval.get("weights"):
     sd = load_state_dict(config.eval.weights)
-    return stage2_from_state_dict(sd, mcfg, checkpoint_num_frames=config.eval.get("weights_num_frames"))["params"]
+    convert = stage2_av_from_state_dict if mcfg.get("audio") else stage2_from_state_dict
+    return convert(sd, mcfg, checkpoint_num_frames=config.eval.get("weights_num_frames"))["params"]
   ckpt_dir = os.path.abspath(config.eval.get("checkpoint_dir") or os.path.join(workdir, "checkpoints"))
   with ocp.CheckpointManager(ckpt_dir) as mngr:
     step = mngr.latest_step()
@@ -42,38 +49,70 @@ def load_params(config, mcfg, workdir: str):
   return jax.tree.map(np.asarray, restored["state"]["params"])
 
 
+TASKS = ("retrieval", "classification", "audio_retrieval", "audio_classification")
+
+
+def _labels(texts: list[str], txt2item: np.ndarray, n: int) -> tuple[list[str], np.ndarray]:
+  """Class names (sorted unique captions) and each item's label (its first caption)."""
+  names = sorted(set(texts))
+  first = [texts[np.flatnonzero(txt2item == i)[0]] for i in range(n)]
+  return names, np.asarray([names.index(c) for c in first])
+
+
 def run(config, workdir: str) -> dict:
   from internvideo2_jax.train.stage2 import build_model_config
   os.makedirs(workdir, exist_ok=True)
+  task = config.eval.get("task", "retrieval")
+  if task not in TASKS:
+    raise ValueError(f"unknown eval.task {task!r}; one of {TASKS}")
   mcfg = build_model_config(config.model)
+  av = bool(mcfg.get("audio"))
+  if task.startswith("audio") and not av:
+    raise ValueError(f"eval.task={task} needs an audio-visual model (configs/stage2.py:<size>,av)")
   params = load_params(config, mcfg, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   v = mcfg.vision
+  seconds = float(config.data.load.get("audio_seconds", 10.0))
   spec = LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size,
-                  tubelet_size=v.tubelet_size)
+                  tubelet_size=v.tubelet_size, audio=av and task == "retrieval", audio_seconds=seconds)
   corpus = config.eval.corpus.to_dict()
   if not corpus.get("path"):
     raise ValueError("set config.eval.corpus.path (and data_root) to the evaluation annotations")
   tok = text_lib.load_tokenizer(config.data.load.get("tokenizer", ""))
-  enc = retrieval.Encoder(Stage2Model(mcfg), params, mesh, batch_size=int(config.eval.batch_size),
-                          norm=config.data.get("norm", "imagenet"))
-  task = config.eval.get("task", "retrieval")
+  if av:
+    from internvideo2_jax.models.stage2_av import Stage2AVModel
+    enc = retrieval.AVEncoder(Stage2AVModel(mcfg), params, mesh, batch_size=int(config.eval.batch_size),
+                              norm=config.data.get("norm", "imagenet"))
+  else:
+    enc = retrieval.Encoder(Stage2Model(mcfg), params, mesh, batch_size=int(config.eval.batch_size),
+                            norm=config.data.get("norm", "imagenet"))
+  kw = dict(tokenizer=tok, max_txt_l=int(config.eval.max_txt_l))
+  caption_field = config.eval.get("caption_field", "captions")
   if task == "retrieval":
-    rset = retrieval.load_retrieval_set(corpus, spec, caption_field=config.eval.get("caption_field", "captions"))
-    res = retrieval.evaluate_retrieval(enc, rset, tokenizer=tok, max_txt_l=int(config.eval.max_txt_l),
-                                       k_test=int(config.eval.k_test))
+    rset = retrieval.load_retrieval_set(corpus, spec, caption_field=caption_field)
+    evaluate = retrieval.evaluate_av_retrieval if av else retrieval.evaluate_retrieval
+    res = evaluate(enc, rset, k_test=int(config.eval.k_test), **kw)
     print(retrieval.format_table(res))
   elif task == "classification":
-    rset = retrieval.load_retrieval_set(corpus, spec, caption_field="captions")
-    names = sorted(set(rset.texts))
-    first = [rset.texts[np.flatnonzero(rset.txt2vid == i)[0]] for i in range(len(rset.videos))]
-    labels = np.asarray([names.index(c) for c in first])
-    res = classification.zero_shot_classify(enc, rset.videos, labels, names, tokenizer=tok,
-                                            max_txt_l=int(config.eval.max_txt_l))
+    rset = retrieval.load_retrieval_set(corpus, spec, caption_field=config.eval.get("class_field", "captions"))
+    names, labels = _labels(rset.texts, rset.txt2vid, len(rset.videos))
+    res = classification.zero_shot_classify(enc, rset.videos, labels, names, **kw)
     print(f"zero-shot classification over {len(names)} classes: top-1 {res['top1']:.1f}%  top-5 {res['top5']:.1f}%")
   else:
-    raise ValueError(f"unknown eval.task {task!r} (retrieval or classification)")
-  res["skipped_videos"] = rset.skipped
+    rset = retrieval.load_audio_set(corpus, audio_seconds=seconds, caption_field=caption_field
+                                    if task == "audio_retrieval" else config.eval.get("class_field", "captions"))
+    if task == "audio_retrieval":
+      res = retrieval.evaluate_audio_retrieval(enc, rset, k_test=int(config.eval.k_test), **kw)
+      print(retrieval.format_table(res))
+    else:
+      names, labels = _labels(rset.texts, rset.txt2aud, len(rset.audio))
+      _, feats = enc.audios(rset.audio)
+      feats = np.asarray(l2_normalize(feats))
+      res = classification.classify_features(enc, feats, labels, names,
+                                             templates=classification.AUDIO_TEMPLATES, **kw)
+      print(f"zero-shot audio classification over {len(names)} classes: top-1 {res['top1']:.1f}%  "
+            f"top-5 {res['top5']:.1f}%")
+  res["skipped"] = rset.skipped
   path = os.path.join(workdir, f"eval_{task}.json")
   retrieval.save_json(res, path)
   print(f"results: {path}")

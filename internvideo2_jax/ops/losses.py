@@ -12,8 +12,11 @@ import jax.numpy as jnp
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
+  """x / max(|x|, eps) (torch F.normalize), with a finite gradient at x = 0: the norm's own
+  gradient is NaN there, and 0 * NaN survives any masking (a silent clip's all-zero fbank gives
+  an exactly zero audio feature at init, which used to turn every AV update into NaN)."""
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
 def vtc_loss(vision, text, sample_ids, temp, valid=None):

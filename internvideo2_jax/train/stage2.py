@@ -178,12 +178,14 @@ def run(config, workdir: str) -> dict:
   data = config.data
   if data.get("synthetic_dir"):
     root = data.synthetic_dir
-    if not os.path.exists(os.path.join(root, "val.json")):
+    val_av = int(data.get("synthetic_val_av", 0))
+    if not os.path.exists(os.path.join(root, "val.json")) or (
+        val_av and not os.path.exists(os.path.join(root, "val_av.json"))):
       print(f"writing the synthetic corpus to {root} ...", flush=True)
       t0 = time.perf_counter()
       synthetic.write_corpus(root, train=int(data.synthetic_train), val=int(data.synthetic_val),
                              seed=int(config.seed), num_frames=16, size=int(data.synthetic_size),
-                             radius=tuple(data.get("synthetic_radius", (0.12, 0.2))))
+                             radius=tuple(data.get("synthetic_radius", (0.12, 0.2))), val_av=val_av)
       print(f"  {data.synthetic_train} + {data.synthetic_val} clips in {time.perf_counter() - t0:.0f}s", flush=True)
   mcfg = build_model_config(config.model)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
@@ -204,7 +206,9 @@ def run(config, workdir: str) -> dict:
   t_len = int(data.load.max_txt_l)
   dummy_video = jnp.zeros((1, v.num_frames, v.img_size, v.img_size, 3), jnp.float32)
   dummy_ids = jnp.ones((1, t_len), jnp.int32)
-  dummy_inputs = ((dummy_video, jnp.zeros((1, 998, 64)), dummy_ids, dummy_ids) if audio
+  from internvideo2_jax.data.audio import fbank_frames
+  dummy_fbank = jnp.zeros((1, fbank_frames(float(data.load.get("audio_seconds", 10.0))), 64))
+  dummy_inputs = ((dummy_video, dummy_fbank, dummy_ids, dummy_ids) if audio
                   else (dummy_video, dummy_ids, dummy_ids))
   init_fn = lambda: train_model.init({"params": jax.random.key(config.seed), "dropout": jax.random.key(1)},  # noqa: E731
                                      *dummy_inputs)
@@ -242,7 +246,8 @@ def run(config, workdir: str) -> dict:
   eval_fn = None
   if config.eval.corpus.get("path") or (data.get("synthetic_dir") and config.eval.get("synthetic", True)):
     spec = LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size,
-                    tubelet_size=v.tubelet_size, max_txt_l=int(config.eval.max_txt_l), audio=audio)
+                    tubelet_size=v.tubelet_size, max_txt_l=int(config.eval.max_txt_l), audio=audio,
+                    audio_seconds=float(data.load.get("audio_seconds", 10.0)))
     corpus = config.eval.corpus.to_dict()
     if not corpus.get("path"):
       corpus.update(path=os.path.join(data.synthetic_dir, "val.json"), data_root=data.synthetic_dir)
@@ -250,15 +255,12 @@ def run(config, workdir: str) -> dict:
     print(f"eval: {len(rset.videos)} held-out videos, {len(rset.texts)} captions", flush=True)
 
     def eval_fn(params):
-      if audio:
-        return retrieval.evaluate_av_retrieval(eval_model, params, rset, tokenizer=tok,
-                                               max_txt_l=int(config.eval.max_txt_l),
-                                               batch_size=int(config.eval.batch_size),
-                                               norm=data.get("norm", "imagenet"))
-      enc = retrieval.Encoder(eval_model, params, mesh, batch_size=int(config.eval.batch_size),
-                              norm=data.get("norm", "imagenet"))
-      return retrieval.evaluate_retrieval(enc, rset, tokenizer=tok, max_txt_l=int(config.eval.max_txt_l),
-                                          k_test=int(config.eval.k_test))
+      enc_cls = retrieval.AVEncoder if audio else retrieval.Encoder
+      enc = enc_cls(eval_model, params, mesh, batch_size=int(config.eval.batch_size),
+                    norm=data.get("norm", "imagenet"))
+      evaluate = retrieval.evaluate_av_retrieval if audio else retrieval.evaluate_retrieval
+      return evaluate(enc, rset, tokenizer=tok, max_txt_l=int(config.eval.max_txt_l),
+                      k_test=int(config.eval.k_test))
 
   def flops_per_step(host):
     vis = int((~host["mask"][0]).sum()) if "mask" in host else int(np.prod(host["video"].shape[1:4])) // (
