@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from internvideo2_jax.data import audio as audio_lib, instruct, masks, text as text_lib, transforms
+from internvideo2_jax.data import audio as audio_lib, instruct, masks, sources, text as text_lib, transforms
 from internvideo2_jax.data.video import VideoFile, VideoReadError, frame_indices, segment_indices
 
 # Skip reasons, in the order of the `skipped` counts vector of every batch.
@@ -112,8 +112,7 @@ def _frames(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> tuple[np.nda
 
 
 def _caption(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> str:
-  caps = rec["captions"] if spec.caption_field in ("caption", "captions") else \
-      rec["caption_fields"].get(spec.caption_field, [])
+  caps = sources.record_captions(rec, spec.caption_field)
   if not caps:
     raise SkipExample("bad_caption", f"{rec['key']}: no {spec.caption_field!r} caption")
   caption = text_lib.choose_caption(caps, rng if spec.train else None)

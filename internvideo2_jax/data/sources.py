@@ -50,6 +50,11 @@ def make_record(**fields) -> dict:
   return rec
 
 
+def record_captions(rec: dict, field: str = "captions") -> list[str]:
+  """The captions of `field`: "caption"/"captions" or another *caption* key of the row."""
+  return rec["captions"] if field in ("caption", "captions") else rec["caption_fields"].get(field, [])
+
+
 class AnnotationError(ValueError):
   """An annotation file cannot be read at all (unreadable, not JSON/CSV)."""
 

@@ -58,7 +58,7 @@ def load_retrieval_set(corpus: dict, spec: LoadSpec, caption_field: str = "capti
   n = len(records) if limit is None else min(limit, len(records))
   for i in range(n):
     rec = records[i]
-    caps = rec["captions"] if caption_field in ("caption", "captions") else rec["caption_fields"].get(caption_field, [])
+    caps = sources.record_captions(rec, caption_field)
     try:
       ex = load_example(rec, spec, np.random.default_rng(i))
     except SkipExample as e:
@@ -264,7 +264,7 @@ def load_audio_set(corpus: dict, *, audio_seconds: float = 10.0, caption_field: 
   n = len(records) if limit is None else min(limit, len(records))
   for i in range(n):
     rec = records[i]
-    caps = rec["captions"] if caption_field in ("caption", "captions") else rec["caption_fields"].get(caption_field, [])
+    caps = sources.record_captions(rec, caption_field)
     name = rec["audio"] or rec["path"] or rec["key"]
     try:
       wave = audio_lib.load_waveform(rec["audio"] or rec["data"] or rec["path"], name=name)
