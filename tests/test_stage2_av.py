@@ -26,7 +26,7 @@ def _setup():
   b = 4
   batch = {"video": jnp.asarray(rng.integers(0, 255, (b, 4, 32, 32, 3), dtype=np.uint8)),
            # the silent clip's fbank is all zeros, as the pipeline gives it
-           "audio": jnp.asarray(rng.standard_normal((b, 998, 64)), jnp.float32).at[2].set(0.0),
+           "audio": jnp.asarray(rng.standard_normal((b, 198, 64)), jnp.float32).at[2].set(0.0),  # 2 s
            "has_audio": jnp.asarray([True, True, False, True]),
            "text_ids": jnp.asarray(rng.integers(1000, 2000, (b, 8)), jnp.int32),
            "text_mask": jnp.ones((b, 8), jnp.int32), "sample_id": jnp.arange(b, dtype=jnp.int32)}
