@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 # S = image size, L = max_txt_l, N = tokens (T/tubelet * (S/patch)^2); stage 3: M = instruct
 # max_txt_l + visual_tokens, I = instruct.instruction_l (see data/instruct.py).
 BATCH_SPEC = {
-    "video": ("(B, T, S, S, 3)", "uint8", "1 2 eval", "RGB frames, normalised on device"),
-    "label": ("(B,)", "int32", "1 2 eval", "class id or -1"),
+    "video": ("(B, T, S, S, 3)", "uint8", "1 2 3 eval", "RGB frames, normalised on device"),
+    "label": ("(B,)", "int32", "1 2 3 eval", "class id or -1"),
     "text_ids": ("(B, L)", "int32", "2 eval", "BERT token ids of the chosen caption"),
     "text_mask": ("(B, L)", "int32", "2 eval", "1 = real token"),
     "audio": ("(B, F, 64)", "float32", "2 (audio on)", "normalised Kaldi fbank, zeros if none; F = 998 for 10 s"),
