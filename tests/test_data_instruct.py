@@ -156,6 +156,14 @@ def test_converted_tokenizer_matches_sentencepiece(tok):
   assert tok.convert_ids_to_tokens([1, 2, 3, 4]) == ["<s>", "</s>", "[INST]", "[/INST]"]
 
 
+def test_bad_tokenizer_paths_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope"):
+    I.load_llm_tokenizer(str(tmp_path / "nope"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="empty"):
+    I.load_llm_tokenizer(str(tmp_path / "empty"))
+
+
 def test_qa_rows_are_validated(tmp_path):
   rows = [{"video": "a.mp4", "QA": QA, "start": 1.5, "end": 3.0},
           {"video": "b.mp4", "QA": []},

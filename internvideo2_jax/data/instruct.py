@@ -117,7 +117,11 @@ def load_llm_tokenizer(path: str = ""):
   path = path or _offline_mistral_dir()
   if not os.path.isdir(path):
     raise FileNotFoundError(f"LLM tokenizer directory not found: {path}")
-  tok = AutoTokenizer.from_pretrained(path)
+  try:
+    tok = AutoTokenizer.from_pretrained(path)
+  except (ValueError, OSError) as e:  # e.g. a bare tokenizer.model without sentencepiece
+    raise ValueError(f"cannot load the LLM tokenizer in {path}: {e} (a directory with "
+                     "tokenizer.json, or tokenizer.model with `sentencepiece` installed)") from e
   if len(tok) < 100 or tok.bos_token_id is None or tok.eos_token_id is None:
     raise ValueError(f"LLM tokenizer at {path}: {len(tok)} tokens, bos={tok.bos_token!r}, "
                      f"eos={tok.eos_token!r}; the vocabulary did not load (a tokenizer.model needs "
