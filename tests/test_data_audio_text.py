@@ -80,3 +80,9 @@ def test_captions_are_sampled_uniformly():
   assert T.choose_caption(["a", "b"], None) == "a" and T.choose_caption("s", rng) == "s"
   with pytest.raises(ValueError, match="no usable caption"):
     T.choose_caption(["", "  "], rng)
+
+
+def test_fbank_frames_and_too_short_audio_seconds():
+  assert (A.fbank_frames(10), A.fbank_frames(2)) == (998, 198)
+  with pytest.raises(ValueError, match="audio_seconds=0.05"):
+    A.fbank_frames(0.05)

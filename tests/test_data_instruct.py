@@ -223,6 +223,10 @@ def test_stage3_pipeline_end_to_end(corpus, tok, tmp_path):
   assert text.index("What colour") < text.index("What shape")
   with pytest.raises(ValueError, match="unknown data.instruct keys"):
     P.make_pipeline(_cfg(corpora, max_len=3), model, stage="stage3")
+  misplaced = _cfg(corpora)
+  misplaced.load = {"instruct": {"max_txt_l": 64}}
+  with pytest.raises(ValueError, match="data.instruct, not data.load"):
+    P.make_pipeline(misplaced, model, stage="stage3")
   # Packed shards keep the QA rows: the same examples as from JSON.
   js = sources.open_corpus({"format": "json", "path": paths["train_qa"], "data_root": root})
   pack.write_shards(sources.iter_records([js]), str(tmp_path / "qa"), 2)

@@ -108,6 +108,9 @@ def kaldi_fbank(wave: np.ndarray, *, num_bins: int = NUM_BINS, sample_rate: int 
 
 def fbank_frames(seconds: float, sample_rate: int = SAMPLE_RATE) -> int:
   """Kaldi frames of `seconds` of audio (10 s -> 998, the official BEATs input)."""
+  if int(seconds * sample_rate) < FRAME_LEN + 15 * FRAME_SHIFT:  # BEATs patches are 16 frames
+    raise ValueError(f"audio_seconds={seconds} is too short: at least "
+                     f"{(FRAME_LEN + 15 * FRAME_SHIFT) / sample_rate:.3f} s (one 16-frame BEATs patch)")
   return 1 + (int(seconds * sample_rate) - FRAME_LEN) // FRAME_SHIFT
 
 

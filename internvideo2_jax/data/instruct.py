@@ -41,6 +41,8 @@ from typing import Optional
 
 import numpy as np
 
+from internvideo2_jax.data import text as text_lib
+
 IGNORE = -100                 # label of tokens without a loss (HF / official convention)
 HUMAN_START, HUMAN_END, ASSIST_END = "[INST]", "[/INST]", "</s>"
 MEDIA_TAGS = {"video": ("<Video>", "</Video>"), "image": ("<Image>", "</Image>")}
@@ -215,7 +217,6 @@ def tokenize_instruction(tok, instruction: str, length: int) -> tuple[np.ndarray
 def instruct_example(rec: dict, spec: InstructSpec, times: np.ndarray,
                      rng: Optional[np.random.Generator], train: bool) -> dict:
   """The stage-3 text fields of one record (see the module docstring)."""
-  from internvideo2_jax.data import text as text_lib
   if not rec.get("qa"):
     raise BadConversation("row has no 'QA' list (stage 3 needs instruction rows)")
   msg = time_message(times) if spec.time_msg and rec["media"] == "video" else ""

@@ -119,7 +119,8 @@ def _fields(cls, d: dict, where: str) -> dict:
 
 def _spec_from_config(data_cfg, model_cfg, stage: str, train: bool) -> LoadSpec:
   d = _fields(LoadSpec, dict(data_cfg.get("load", {})), "data.load")
-  d.pop("instruct", None)
+  if "instruct" in d:
+    raise ValueError("the stage-3 conversation settings go in data.instruct, not data.load.instruct")
   d.setdefault("size", model_cfg.img_size)
   d.setdefault("patch_size", model_cfg.patch_size)
   d.setdefault("tubelet_size", model_cfg.tubelet_size)

@@ -48,38 +48,45 @@ class RetrievalSet:
     return out
 
 
-def load_retrieval_set(corpus: dict, spec: LoadSpec, caption_field: str = "captions",
-                       limit: Optional[int] = None) -> RetrievalSet:
-  """Decodes every video of an annotation corpus with the test transform; all captions kept."""
+def _collect(corpus: dict, caption_field: str, load, what: str, limit: Optional[int]):
+  """(items, texts, text -> item, keys, skipped) of a corpus: `load(rec, i)` gives the item or
+  raises SkipExample / AudioReadError; rows without `caption_field` are skipped too."""
+  from internvideo2_jax.data.audio import AudioReadError
   records = sources.open_corpus(corpus)
-  spec = dataclasses.replace(spec, train=False, mask="none", text=False, crop="squash",
-                             sample="middle" if spec.sample != "segments" else "segments")
-  videos, texts, txt2vid, keys, skipped, audio, has_audio = [], [], [], [], [], [], []
+  items, texts, t2i, keys, skipped = [], [], [], [], []
   n = len(records) if limit is None else min(limit, len(records))
   for i in range(n):
     rec = records[i]
     caps = sources.record_captions(rec, caption_field)
     try:
-      ex = load_example(rec, spec, np.random.default_rng(i))
-    except SkipExample as e:
+      item = load(rec, i)
+    except (SkipExample, AudioReadError) as e:
       skipped.append(str(e))
-      log.warning("retrieval set: skipping %s", e)
+      log.warning("%s set: skipping %s", what, e)
       continue
     if not caps:
       skipped.append(f"{rec['key']}: no {caption_field}")
       continue
     for c in caps:
       texts.append(text_lib.pre_text(c))
-      txt2vid.append(len(videos))
-    videos.append(ex["video"])
+      t2i.append(len(items))
+    items.append(item)
     keys.append(rec["key"])
-    if spec.audio:
-      audio.append(ex["audio"])
-      has_audio.append(bool(ex["has_audio"]))
-  if not videos:
-    raise ValueError(f"retrieval set {corpus.get('path')}: no usable video ({len(skipped)} skipped)")
-  return RetrievalSet(np.stack(videos), texts, np.asarray(txt2vid), keys, skipped,
-                      np.stack(audio) if audio else None, np.asarray(has_audio) if audio else None)
+  if not items:
+    raise ValueError(f"{what} set {corpus.get('path')}: no usable {what} ({len(skipped)} skipped)")
+  return items, texts, np.asarray(t2i), keys, skipped
+
+
+def load_retrieval_set(corpus: dict, spec: LoadSpec, caption_field: str = "captions",
+                       limit: Optional[int] = None) -> RetrievalSet:
+  """Decodes every video of an annotation corpus with the test transform; all captions kept."""
+  spec = dataclasses.replace(spec, train=False, mask="none", text=False, crop="squash",
+                             sample="middle" if spec.sample != "segments" else "segments")
+  items, texts, t2v, keys, skipped = _collect(
+      corpus, caption_field, lambda rec, i: load_example(rec, spec, np.random.default_rng(i)), "video", limit)
+  audio = np.stack([x["audio"] for x in items]) if spec.audio else None
+  has_audio = np.asarray([bool(x["has_audio"]) for x in items]) if spec.audio else None
+  return RetrievalSet(np.stack([x["video"] for x in items]), texts, t2v, keys, skipped, audio, has_audio)
 
 
 def recall_metrics(v2t: np.ndarray, t2v: np.ndarray, txt2vid: np.ndarray) -> dict[str, float]:
@@ -258,32 +265,15 @@ def load_audio_set(corpus: dict, *, audio_seconds: float = 10.0, caption_field: 
   """Audio (own file, or the video's track, first `audio_seconds`) and captions of every row;
   rows without usable audio are skipped and listed (no video is decoded)."""
   from internvideo2_jax.data import audio as audio_lib
-  records = sources.open_corpus(corpus)
   frames = audio_lib.fbank_frames(audio_seconds)
-  audio, texts, t2a, keys, skipped = [], [], [], [], []
-  n = len(records) if limit is None else min(limit, len(records))
-  for i in range(n):
-    rec = records[i]
-    caps = sources.record_captions(rec, caption_field)
-    name = rec["audio"] or rec["path"] or rec["key"]
-    try:
-      wave = audio_lib.load_waveform(rec["audio"] or rec["data"] or rec["path"], name=name)
-    except audio_lib.AudioReadError as e:
-      skipped.append(str(e))
-      log.warning("audio set: skipping %s", e)
-      continue
-    if not caps:
-      skipped.append(f"{rec['key']}: no {caption_field}")
-      continue
-    fb, _ = audio_lib.fbank_features(audio_lib.crop_or_pad(wave, audio_seconds), target_frames=frames)
-    for c in caps:
-      texts.append(text_lib.pre_text(c))
-      t2a.append(len(audio))
-    audio.append(fb)
-    keys.append(rec["key"])
-  if not audio:
-    raise ValueError(f"audio set {corpus.get('path')}: no usable audio ({len(skipped)} skipped)")
-  return AudioSet(np.stack(audio), texts, np.asarray(t2a), keys, skipped)
+
+  def load(rec, i):
+    wave = audio_lib.load_waveform(rec["audio"] or rec["data"] or rec["path"],
+                                   name=rec["audio"] or rec["path"] or rec["key"])
+    return audio_lib.fbank_features(audio_lib.crop_or_pad(wave, audio_seconds), target_frames=frames)[0]
+
+  items, texts, t2a, keys, skipped = _collect(corpus, caption_field, load, "audio", limit)
+  return AudioSet(np.stack(items), texts, t2a, keys, skipped)
 
 
 def evaluate_audio_retrieval(encoder: AVEncoder, aset: AudioSet, *, tokenizer, max_txt_l: int,
