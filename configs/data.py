@@ -12,7 +12,7 @@ and writes runs/data/batch.png.
 
 import ml_collections
 
-from internvideo2_jax.config_utils import parse_arg
+from internvideo2_jax.config_utils import add_runtime, parse_arg
 from internvideo2_jax.models.vit import vit_preset
 
 
@@ -36,4 +36,5 @@ def get_config(arg=None):
   if a.stage == "stage3":  # 8 frames, conversation tokens (see data/instruct.py InstructSpec)
     c.data.load = {"num_frames": 8}
     c.data.instruct = {"max_txt_l": 512, "visual_tokens": 96, "time_msg": False}
+  add_runtime(c, step="")
   return c

@@ -13,7 +13,7 @@ embedding is interpolated to `frames` automatically.
 
 import ml_collections
 
-from internvideo2_jax.config_utils import parse_arg
+from internvideo2_jax.config_utils import add_runtime, parse_arg
 from internvideo2_jax.models.vit import vit_preset
 
 
@@ -33,4 +33,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.norm = "imagenet"
   c.data.num_synthetic = 4
   c.data.synthetic_size = 64
+  add_runtime(c, step="")
   return c

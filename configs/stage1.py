@@ -19,7 +19,7 @@ whole path: loss goes down, checkpoints, resumes; not a real distillation).
 
 import ml_collections
 
-from internvideo2_jax.config_utils import parse_arg
+from internvideo2_jax.config_utils import add_runtime, parse_arg
 from internvideo2_jax.models.teachers import clip_teacher_preset, mae_teacher_preset
 from internvideo2_jax.models.vit import vit_preset
 
@@ -45,6 +45,7 @@ def get_config(arg=None):
   t.loss = ml_collections.ConfigDict({"clip": 1.0, "clip_final": 1.0, "mae": 1.0})
   t.targets_dtype = ""
   t.log_every, t.eval_every, t.checkpoint_every, t.keep_checkpoints = 50, 0, 1000, 2
+  t.stop_at_step = 0        # > 0: save and exit after this step (a planned stop; resume later)
   t.peak_tflops = 0.0
   o = c.optimizer = ml_collections.ConfigDict()
   o.b1, o.b2, o.eps, o.weight_decay, o.max_grad_norm = 0.9, 0.98, 1e-6, 0.05, 3.0
@@ -81,4 +82,5 @@ def get_config(arg=None):
   o.min_lr_multi = 1e-5 / 1.5e-4                      # min lr 1e-5 x batch / 256
   o.total_steps = t.get_ref("total_steps")
   o.warmup_steps = int(t.total_steps * 40 / 301)      # 40 of 301 epochs
+  add_runtime(c, step="train_stage1")
   return c

@@ -18,7 +18,7 @@ vision and text frozen except the attention pool and the temperature (init 0.01)
 
 import ml_collections
 
-from internvideo2_jax.config_utils import parse_arg
+from internvideo2_jax.config_utils import add_runtime, parse_arg
 from internvideo2_jax.models.text import text_preset
 from internvideo2_jax.models.vit import vit_preset
 
@@ -64,6 +64,7 @@ def get_config(arg=None):
   t.eval_every = 1000
   t.checkpoint_every = 1000
   t.keep_checkpoints = 2
+  t.stop_at_step = 0        # > 0: save and exit after this step (a planned stop; resume later)
   t.peak_tflops = 0.0
 
   o = c.optimizer = ml_collections.ConfigDict()
@@ -185,4 +186,5 @@ def get_config(arg=None):
     d.batch_size = a.batch
   if a.dtype:
     m.vision.dtype = m.text.dtype = a.dtype
+  add_runtime(c, step="train_stage2")
   return c

@@ -40,3 +40,31 @@ def preset(kind: str, presets: dict, defaults: dict, name: str, overrides: dict)
     raise ValueError(f"unknown {kind} config keys {unknown}; valid keys: {sorted(cfg)}")
   cfg.update(overrides)
   return cfg
+
+
+def add_runtime(c: ml_collections.ConfigDict, *, step: str = "") -> ml_collections.ConfigDict:
+  """The settings every job shares: multi-host start, compilation cache, and `job=compile`.
+
+  `step` names the training job whose step `job=compile` builds (train_stage1, train_stage2).
+  """
+  c.distributed = ml_collections.ConfigDict({
+      "mode": "auto",            # auto: SLURM / TPU pod / MPI detection; off: never
+      "coordinator_address": "",  # host:port of process 0 (explicit start)
+      "num_processes": 0,
+      "process_id": -1,
+      "local_device_ids": "",    # e.g. "0,1,2,3"
+      "timeout_s": 300,
+  })
+  c.runtime = ml_collections.ConfigDict({
+      # Persistent XLA compilation cache: "auto" = ~/.cache/internvideo2_jax/jax_cache on GPU/TPU
+      # (off on CPU), "" = off, or a directory (gs:// works).
+      "compilation_cache_dir": "auto",
+  })
+  c.compile = ml_collections.ConfigDict({
+      "step": step,
+      "topology": "",            # e.g. "v5p:4x8x8" (libtpu topology; no TPU needed)
+      "devices": 0,              # or N fake CPU devices
+      "hbm_gib": 0.0,            # per-chip memory to check against (0: from the chip kind)
+      "libtpu": "",              # path of libtpu.so (default: installed libtpu or .venv/libtpu)
+  })
+  return c

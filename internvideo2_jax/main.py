@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,6 +29,7 @@ JOBS = {
     "evaluate": "internvideo2_jax.evaluate.run",
     "train_stage1": "internvideo2_jax.train.stage1",
     "cache_targets": "internvideo2_jax.train.cache_targets",
+    "compile": "internvideo2_jax.train.compile",
 }
 
 
@@ -40,7 +42,34 @@ def main(argv) -> None:
   # Our modules report at INFO; libraries (orbax, jax backend probing) only warnings.
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("internvideo2_jax").setLevel(logging.INFO)
+  start_runtime(config, job)
   importlib.import_module(JOBS[job]).run(config, flags.FLAGS.workdir)
+
+
+def start_runtime(config, job: str) -> None:
+  """Before any device use: fake devices for `compile`, the multi-host start, the compilation
+  cache; then only process 0 prints (the others keep warnings and errors on stderr)."""
+  import jax
+  from internvideo2_jax.parallel import distributed
+  if job == "compile":
+    n = int(config.compile.get("devices", 0))
+    if n and not config.compile.get("topology"):
+      jax.config.update("jax_platforms", "cpu")
+      jax.config.update("jax_num_cpu_devices", n)
+    where = "single process (compile job)"
+  else:
+    where = distributed.initialize(config.get("distributed"))
+  cache = config.get("runtime", {}).get("compilation_cache_dir", "auto")
+  if cache == "auto":
+    cache = (os.path.expanduser("~/.cache/internvideo2_jax/jax_cache")
+             if jax.default_backend() in ("gpu", "tpu") else "")
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+  if jax.process_count() > 1:
+    if jax.process_index() != 0:
+      sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+      logging.getLogger("internvideo2_jax").setLevel(logging.WARNING)
+    print(f"multi-host: {where}", flush=True)
 
 
 def run() -> None:

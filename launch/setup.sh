@@ -44,6 +44,13 @@ if [ ! -f "$stamp" ]; then
   # The Mistral-7B-Instruct-v0.3 tokenizer (stage 3) ships in mistral-common's data files; its
   # own dependencies (pydantic, jsonschema, ...) are not needed for that.
   VIRTUAL_ENV=.venv .venv/bin/uv pip install -q --no-deps "mistral-common==1.13.1"
+  # libtpu for the `compile` job (AOT compiles for TPU topologies on any machine), kept out of
+  # site-packages: an importable libtpu makes every jax start probe for TPUs (seconds + noise).
+  # The version is the one this jax's `tpu` extra pins. (On TPU VMs use `setup.sh tpu`.)
+  tpu_req=$(.venv/bin/python -c 'import importlib.metadata as m; print(next((r.split(";")[0].strip() for r in m.requires("jax") or [] if r.startswith("libtpu") and "tpu" in r.split(";")[-1]), "libtpu"))')
+  rm -rf .venv/libtpu
+  VIRTUAL_ENV=.venv .venv/bin/uv pip install -q --no-deps --target .venv/libtpu "$tpu_req" \
+    || echo "setup: could not install $tpu_req into .venv/libtpu; the compile job's TPU topologies need it" >&2
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -14,7 +14,6 @@ from internvideo2_jax.data import pack, pipeline as P, sources, synthetic, tfds_
 from internvideo2_jax.data.loader import REASONS, LoadSpec, load_example
 from internvideo2_jax.models.vit import vit_preset
 from internvideo2_jax.parallel import mesh as M, sharding as S
-from internvideo2_jax.train.checkpoint import Checkpointer
 
 MODEL = vit_preset("tiny")  # 32 px, patch 8, 4 frames
 
@@ -69,25 +68,32 @@ def test_deterministic_and_sharded_per_process(corpus):
   assert all(len(s) == 8 for s in seen) and not set(seen[0]) & set(seen[1])
 
 
-def test_iterator_resumes_exactly_through_orbax(corpus, tmp_path):
+def test_resume_by_position_on_any_process_and_worker_count(corpus):
+  """A run stopped after s steps continues with start_batch=s: the same global batches follow,
+  with worker processes, and when 2 processes each build their half (contiguous blocks)."""
   root, paths = corpus
-  cfg = data_cfg([{"format": "json", "path": paths["train"], "data_root": root}], num_workers=2)
-  it = iter(P.make_pipeline(cfg, MODEL))
-  for _ in range(3):
-    next(it)
-  ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
-  state = {"w": jax.numpy.arange(4.0)}
-  ckpt.save(3, state, it, cfg)
-  expected = [next(it) for _ in range(2)]
-  fresh = iter(P.make_pipeline(cfg, MODEL))
-  restored, step = ckpt.restore(state, fresh)
-  assert step == 3 and np.array_equal(restored["w"], state["w"])
-  for want in expected:
-    got = next(fresh)
+  corpora = [{"format": "json", "path": paths["train"], "data_root": root}]
+  cfg = data_cfg(corpora, batch_size=4)
+  whole = take(P.make_pipeline(cfg, MODEL), 5)
+  resumed = take(P.make_pipeline(data_cfg(corpora, batch_size=4, num_workers=2), MODEL, start_batch=3), 2)
+  halves = [take(P.make_pipeline(cfg, MODEL, shard_index=i, shard_count=2, start_batch=3), 2) for i in range(2)]
+  for s, want in enumerate(whole[3:]):
     for k in want:
-      np.testing.assert_array_equal(got[k], want[k])
-  assert ckpt.restore_config()["batch_size"] == 4
-  ckpt.close()
+      np.testing.assert_array_equal(resumed[s][k], want[k], err_msg=k)
+      np.testing.assert_array_equal(np.concatenate([halves[0][s][k], halves[1][s][k]]), want[k], err_msg=k)
+
+
+def test_mixture_is_random_access_and_follows_the_weights():
+  import grain
+  a = grain.MapDataset.source([("a", i) for i in range(1000)])
+  b = grain.MapDataset.source([("b", i) for i in range(1000)])
+  mix = P.BatchMixture([a, b], [3.0, 1.0], seed=0)
+  seq = [mix[i] for i in range(400)]
+  assert 0.65 < sum(x[0] == "a" for x in seq) / 400 < 0.85
+  # each corpus is read in order, and any position can be read directly (resume)
+  assert [x[1] for x in seq if x[0] == "b"] == list(range(sum(x[0] == "b" for x in seq)))
+  fresh = P.BatchMixture([a, b], [3.0, 1.0], seed=0)
+  assert [fresh[i] for i in range(399, 199, -1)] == seq[200:][::-1]
 
 
 def test_json_arrayrecord_and_tfds_give_the_same_examples(corpus, tmp_path):

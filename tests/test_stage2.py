@@ -60,10 +60,14 @@ def test_hard_negatives_follow_the_official_weights():
   ids = jnp.asarray([0, 1, 1, 3, 4, 5, 6, 7])  # samples 1 and 2 are the same video
   draws = jax.vmap(lambda k: L.hard_negatives(k, v, t, ids, 0.5, groups))(jax.random.split(jax.random.key(0), 4000))
   neg_t, neg_v = (np.asarray(x) for x in draws)
+  assert neg_t.min() >= 0 and neg_t.max() < 4  # indices within the local batch (group)
   for i in range(n):
-    assert ids[i] not in np.asarray(ids)[neg_t[:, i]]  # never a positive
     lo = (i // 4) * 4
-    assert ((neg_t[:, i] >= lo) & (neg_t[:, i] < lo + 4)).all()  # within the local batch
+    assert ids[i] not in np.asarray(ids)[lo + neg_t[:, i]]  # never a positive
+  # the in-group gather is the global gather at offset group * b
+  x = jnp.arange(n * 3.0).reshape(n, 3)
+  np.testing.assert_array_equal(L.take_in_groups(x, jnp.asarray(neg_v[0]), groups),
+                                np.asarray(x)[neg_v[0] + np.repeat([0, 4], 4)])
   # frequencies follow softmax(sim / temp) of the local batch with positives zeroed
   sim = np.asarray(v @ t.T)[0, :4] / 0.5
   w = np.exp(sim - sim.max())

@@ -197,11 +197,13 @@ def hf_text_config(directory: str, *, fusion_layer: Optional[int] = None, encode
   return cfg
 
 
-def load_hf_bert(directory: str, config: Any, base: Mapping) -> dict:
+def load_hf_bert(directory: str, config: Any, base: Optional[Mapping] = None) -> dict:
   """Params for TextEncoder(config) from a HF BERT directory (model.safetensors or .bin).
 
   All BERT weights are mapped; the cross-attention of fusion layers and (if absent) the MLM head
-  come from `base` (a fresh init). With `config.num_layers` below the checkpoint's, the first
+  come from `base` (a fresh init), or with `base=None` are left out of the returned (partial)
+  tree, so the caller keeps its own initialisation for them without ever reading it back to
+  the host (the multi-host path). With `config.num_layers` below the checkpoint's, the first
   layers are used.
   """
   for name in ("model.safetensors", "pytorch_model.bin"):
@@ -221,6 +223,9 @@ def load_hf_bert(directory: str, config: Any, base: Mapping) -> dict:
     if s.fusion_layer < have:
       raise CheckpointError(f"{directory}: has {have} layers; extra layers must all be fusion layers "
                             f"(fusion_layer={s.fusion_layer} < {have})")
+    if base is None:  # the fusion stack lies wholly after the checkpoint: keep it as initialised
+      part = dict(config.to_dict() if hasattr(config, "to_dict") else config, num_layers=have)
+      return bert_from_state_dict(sd, part, need_cross=False, need_head=False)
     base_sd = bert_to_state_dict(base, config)
     sd.update({k: v for k, v in base_sd.items()
                if k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= have})

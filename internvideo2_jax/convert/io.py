@@ -8,7 +8,7 @@ unwrapped as the official loaders do.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -81,16 +81,60 @@ def _to_numpy(value):
   return np.asarray(value)
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+class LazyStateDict(Mapping):
+  """The tensors of a .safetensors file, each read when it is accessed: converting a checkpoint
+  tensor by tensor never holds the whole file in host memory."""
+
+  def __init__(self, path: str):
+    from safetensors import safe_open
+    self.path = path
+    self._file = safe_open(path, framework="numpy")
+    self._keys = [k for k in self._file.keys() if not k.endswith("position_ids")]
+    self._keyset = set(self._keys)
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    if key not in self._keyset:
+      raise KeyError(key)
+    return self._file.get_tensor(key)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._keys)
+
+  def __len__(self) -> int:
+    return len(self._keys)
+
+  def __contains__(self, key) -> bool:
+    return key in self._keyset
+
+
+class RenamedView(Mapping):
+  """A lazy view of a state dict under other key names ({new name: old name})."""
+
+  def __init__(self, base: Mapping, names: Mapping[str, str]):
+    self._base, self._names = base, dict(names)
+
+  def __getitem__(self, key: str):
+    return self._base[self._names[key]]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._names)
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+  def __contains__(self, key) -> bool:
+    return key in self._names
+
+
+def load_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
   """Loads a flat state dict from .pth/.pt/.bin (torch), .safetensors or .npz."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint not found: {path}")
   ext = os.path.splitext(path)[1].lower()
   try:
-    if ext == ".safetensors":
-      from safetensors.numpy import load_file
-      raw = load_file(path)
+    if ext == ".safetensors":  # read lazily, tensor by tensor (no wrappers in this format)
+      return LazyStateDict(path)
     elif ext == ".npz":
       with np.load(path, allow_pickle=False) as z:
         raw = {k: z[k] for k in z.files}
@@ -115,19 +159,27 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
   """Writes .safetensors or .npz (by extension)."""
+  from etils import epath  # local paths and gs://... alike
   path = os.fspath(path)
+  if not path.endswith((".safetensors", ".npz")):
+    raise ValueError(f"{path}: export format must be .safetensors or .npz")
   arrays = {k: np.array(v, order="C") for k, v in state_dict.items()}  # keeps 0-d scalars 0-d
-  if path.endswith(".safetensors"):
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if path.endswith(".safetensors") and "://" not in path:
     from safetensors.numpy import save_file
     save_file(arrays, path)
-  elif path.endswith(".npz"):
-    np.savez(path, **arrays)
+  elif path.endswith(".safetensors"):  # object stores: one upload of the serialised file
+    from safetensors.numpy import save
+    target.write_bytes(save(arrays))
   else:
-    raise ValueError(f"{path}: export format must be .safetensors or .npz")
+    with target.open("wb") as f:
+      np.savez(f, **arrays)
 
 
-def strip_prefix(state_dict: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-  """Keys under `prefix` with it removed, if any key has it; otherwise the dict unchanged."""
+def strip_prefix(state_dict: Mapping[str, np.ndarray], prefix: str) -> Mapping[str, np.ndarray]:
+  """Keys under `prefix` with it removed, if any key has it; otherwise the dict unchanged.
+  A view: no tensor is read."""
   if any(k.startswith(prefix) for k in state_dict):
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-  return dict(state_dict)
+    return RenamedView(state_dict, {k[len(prefix):]: k for k in state_dict if k.startswith(prefix)})
+  return state_dict

@@ -168,14 +168,17 @@ _RESIZABLE = ("pos_embed", "img_pos_embed", "pos_embed_spatial", "pos_embed_temp
 
 def vision_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
                            checkpoint_num_frames: Optional[int] = None,
-                           strict: bool = True) -> dict:
+                           strict: bool = True,
+                           sink: Optional[Callable[[tuple, np.ndarray], None]] = None) -> dict:
   """Official vision-encoder state dict -> `{'params': ...}` for `VisionEncoder(config)`.
 
   Accepts the encoder's own keys, or a whole stage-2/CLIP model (only `vision_encoder.*` is
   read). Position tables of another frame count or resolution are interpolated
   (`checkpoint_num_frames` disambiguates when needed). Missing keys, unknown keys (if
   `strict`) and mis-shaped tensors are collected and raised together as one CheckpointError.
-  Keys of other heads (decoders, classifier) are skipped.
+  Keys of other heads (decoders, classifier) are skipped. With `sink(path, value)` each
+  converted leaf goes there as soon as it is ready instead of into the returned tree (streaming
+  into sharded arrays: the host holds one leaf at a time); the problems are still raised.
   """
   spec = ViTSpec.from_config(config)
   sd = strip_prefix(strip_prefix(state_dict, "module."), "vision_encoder.")
@@ -201,14 +204,15 @@ def vision_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
         return None
     return to_ours(value)
 
+  put = sink or (lambda path, value: _set(params, path, value))
   for key, path, shape, to_ours, _ in top:
     value = take(key, path, shape, to_ours)
     if value is not None:
-      _set(params, path, value)
+      put(path, value)
   for key, path, shape, to_ours, _ in block:
     layers = [take(f"blocks.{i}.{key}", path, shape, to_ours) for i in range(spec.depth)]
     if all(v is not None for v in layers):
-      _set(params, ("blocks",) + path, np.stack(layers))
+      put(("blocks",) + path, np.stack(layers))
 
   unexpected = []
   for k in sorted(set(sd) - used):

@@ -19,11 +19,12 @@ from internvideo2_jax.convert.official import vision_from_state_dict
 
 def clip_teacher_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any) -> dict:
   """-> params of CLIPTeacher(config) (inner dict, under `encoder`)."""
-  sd = dict(state_dict)
+  sd = state_dict
   for prefix in ("module.", "vision_model.", "visual."):
     sd = strip_prefix(sd, prefix)
   w = sd.get("patch_embed.proj.weight")
   if w is not None and np.ndim(w) == 4:
+    sd = dict(sd)  # (reads the tensors: the teacher is converted once)
     sd["patch_embed.proj.weight"] = np.asarray(w)[:, :, None]  # 2-D kernel -> (1, p, p) tubelet
   return {"encoder": vision_from_state_dict(sd, config, strict=False)["params"]}
 

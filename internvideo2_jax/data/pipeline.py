@@ -1,16 +1,22 @@
 """Grain pipelines: one factory per stage, driven by the data config.
 
-    corpus records --shuffle(seed, per epoch)--> repeat --[process shard]--> RobustLoad
-        --> batch --> mixture over corpora (weights, per batch) --> worker processes + prefetch
+    corpus records --shuffle(seed, per epoch)--> repeat --> RobustLoad --[process block]-->
+        batch --> mixture over corpora (weights, per batch) --[start_batch:]--> workers + prefetch
 
-* Deterministic for a seed: the shuffle is global (before the per-process slice) and every
-  example draws its randomness from (seed, global index, attempt).
+* Deterministic for a seed: the shuffle is global and every example draws its randomness from
+  (seed, global index, attempt).
+* Independent of the process count: global batch s holds the global examples
+  [s*B, (s+1)*B) in order, and process p of n contributes the contiguous block
+  [p*B/n, (p+1)*B/n) of it, which is exactly the rows its devices hold in the global array.
+  So 2 hosts x 4 devices and 1 host x 8 devices train on identical global batches.
+* Resumable by position: everything up to the mixture is random access, so a run that stopped
+  after s steps continues with `start_batch=s` on any number of processes and workers; no
+  iterator state has to be saved.
 * Bad records never stop a run: `RobustLoad` replaces an unusable example with another
   (deterministically), counts the reason in the batch's `skipped` vector and logs each path once.
 * Corpora of different media (video / image) keep fixed batch shapes by mixing whole batches
-  (as the official MetaLoader alternates loaders): each batch comes from one corpus.
-* The iterator is a grain `DatasetIterator`; its state is saved with the model through Orbax
-  (see train/checkpoint.py) and a restored iterator yields exactly the next batch.
+  (as the official MetaLoader alternates loaders): each batch comes from one corpus, chosen by
+  (seed, batch index) with the corpus weights.
 
 BATCH_SPEC below is the one place that lists batch keys and shapes.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import zlib
 from typing import Optional
 
@@ -142,27 +149,89 @@ def _spec_from_config(data_cfg, model_cfg, stage: str, train: bool) -> LoadSpec:
   return LoadSpec(**d)
 
 
+class ProcessBlocks(grain.MapDataset):
+  """Process `index` of `count`: its contiguous block of every global batch of `global_batch`."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+    super().__init__(parent)
+    self._b, self._B, self._p = global_batch // count, global_batch, index
+
+  def __len__(self):
+    return (len(self._parent) // self._B) * self._b
+
+  def __str__(self):
+    return f"ProcessBlocks({self._p}, {self._b}/{self._B})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[(index // self._b) * self._B + self._p * self._b + index % self._b]
+
+
+class BatchMixture(grain.MapDataset):
+  """Batch s comes from corpus c_s, drawn from (seed, s) with the weights; it is that corpus's
+  k-th batch, k = how often c_s was drawn before s. Random access, so resumable by position."""
+
+  _BLOCK = 4096
+
+  def __init__(self, parents: list, weights: list[float], seed: int):
+    super().__init__(parents)
+    w = np.asarray(weights, np.float64)
+    if (w <= 0).any():
+      raise ValueError(f"corpus weights must be positive, got {weights}")
+    self._w, self._seed = w / w.sum(), seed
+    self._choice = np.zeros(0, np.int64)
+    self._rank = np.zeros(0, np.int64)
+
+  def __len__(self):
+    return sys.maxsize  # training streams repeat forever
+
+  def __str__(self):
+    return f"BatchMixture({len(self._parents)} corpora)"
+
+  def _extend(self, n: int) -> None:
+    while len(self._choice) < n:
+      block = len(self._choice) // self._BLOCK
+      rng = np.random.default_rng([self._seed, block])
+      new = rng.choice(len(self._w), size=self._BLOCK, p=self._w)
+      counts = np.zeros(len(self._w), np.int64)
+      if len(self._choice):
+        counts = np.bincount(self._choice, minlength=len(self._w))
+      rank = np.empty(self._BLOCK, np.int64)
+      for i, c in enumerate(new):
+        rank[i] = counts[c]
+        counts[c] += 1
+      self._choice = np.concatenate([self._choice, new])
+      self._rank = np.concatenate([self._rank, rank])
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    self._extend(index + 1)
+    return self._parents[int(self._choice[index])][int(self._rank[index])]
+
+
 def corpus_dataset(records, spec: LoadSpec, *, seed: int, num_epochs: Optional[int],
-                   shard_index: int, shard_count: int) -> grain.MapDataset:
-  """Records -> shuffled, repeated, per-process examples (random access)."""
+                   global_batch: int, shard_index: int, shard_count: int) -> grain.MapDataset:
+  """Records -> shuffled, repeated, loaded examples of this process (random access)."""
   ds = grain.MapDataset.source(records).shuffle(seed=seed)
-  # Loading before the per-process slice keys each example's randomness (and the `index` it
+  # Loading before the per-process split keys each example's randomness (and the `index` it
   # reports) by its global position, so an example is the same whatever the process count.
   ds = RobustLoad(ds.repeat(num_epochs), spec, seed)
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
-  return ds
+  return ProcessBlocks(ds, global_batch, shard_index, shard_count) if shard_count > 1 else ds
 
 
 def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = True,
                   batch_size: Optional[int] = None, seed: Optional[int] = None,
                   num_epochs: Optional[int] = None, shard_index: Optional[int] = None,
-                  shard_count: Optional[int] = None, skipped_rows: Optional[collections.Counter] = None
-                  ) -> grain.IterDataset:
+                  shard_count: Optional[int] = None, skipped_rows: Optional[collections.Counter] = None,
+                  start_batch: int = 0) -> grain.IterDataset:
   """The dataset of one stage: an IterDataset of host batches (dicts of numpy arrays).
 
   data_cfg.corpora: list of {format, path, data_root, weight, ...} (see sources.open_corpus);
   data_cfg.batch_size is the *global* batch; each process gets batch_size / process_count.
+  `start_batch` skips that many global batches without loading them (resume after that many
+  training steps, on any process count).
   """
   if stage not in ("stage1", "stage2", "stage3"):
     raise ValueError(f"unknown data stage {stage!r}: stage1 (distillation clips), stage2 "
@@ -176,33 +245,38 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
   host_batch = global_batch // shard_count
   if not data_cfg.get("corpora"):
     raise ValueError("data.corpora is empty: list at least one corpus")
+  epochs = num_epochs if train else (num_epochs or 1)
   parts, weights = [], []
   for i, corpus in enumerate(data_cfg.corpora):
     corpus = corpus.to_dict() if hasattr(corpus, "to_dict") else dict(corpus)
     if corpus.get("format") == "targets":  # cached stage-1 examples: already decoded
       from internvideo2_jax.train.cache_targets import TargetsCorpus
       ds = grain.MapDataset.source(TargetsCorpus(corpus["path"])).shuffle(seed=seed + 1000 * i)
-      ds = ds.repeat(num_epochs if train else (num_epochs or 1))
+      ds = ds.repeat(epochs)
       if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-      parts.append(ds.to_iter_dataset().batch(host_batch, drop_remainder=train))
-      weights.append(float(corpus.get("weight", 1.0)))
-      continue
-    records = sources.open_corpus(corpus, skipped=skipped_rows)
-    if isinstance(records, sources.RecordList):
-      kinds = collections.Counter(r["media"] for r in records.records)
-      if len(kinds) > 1:  # one corpus = one media type, so every batch has one frame count
-        raise ValueError(f"{corpus['path']}: mixes media types {dict(kinds)}; split it into one "
-                         "corpus per media type (they are mixed batch by batch)")
-    spec = _spec_from_config(data_cfg, model_cfg, stage, train)
-    ds = corpus_dataset(records, spec, seed=seed + 1000 * i,
-                        num_epochs=num_epochs if train else (num_epochs or 1),
-                        shard_index=shard_index, shard_count=shard_count)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 1)),
-                                              prefetch_buffer_size=int(data_cfg.get("read_prefetch", 2))))
+        ds = ProcessBlocks(ds, global_batch, shard_index, shard_count)
+    else:
+      records = sources.open_corpus(corpus, skipped=skipped_rows)
+      if isinstance(records, sources.RecordList):
+        kinds = collections.Counter(r["media"] for r in records.records)
+        if len(kinds) > 1:  # one corpus = one media type, so every batch has one frame count
+          raise ValueError(f"{corpus['path']}: mixes media types {dict(kinds)}; split it into one "
+                           "corpus per media type (they are mixed batch by batch)")
+      spec = _spec_from_config(data_cfg, model_cfg, stage, train)
+      ds = corpus_dataset(records, spec, seed=seed + 1000 * i, num_epochs=epochs,
+                          global_batch=global_batch, shard_index=shard_index, shard_count=shard_count)
     parts.append(ds.batch(host_batch, drop_remainder=train))
     weights.append(float(corpus.get("weight", 1.0)))
-  ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
+  read = grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 1)),
+                           prefetch_buffer_size=int(data_cfg.get("read_prefetch", 2)))
+  if len(parts) == 1:
+    ds = parts[0][start_batch:].to_iter_dataset(read)
+  elif train:
+    ds = BatchMixture(parts, weights, seed)[start_batch:].to_iter_dataset(read)
+  else:  # finite evaluation streams: grain's mixture (no resume needed)
+    if start_batch:
+      raise ValueError("start_batch is only supported for training pipelines")
+    ds = grain.IterDataset.mix([p.to_iter_dataset(read) for p in parts], weights)
   workers = int(data_cfg.get("num_workers", 0))
   if workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
@@ -218,4 +292,5 @@ def skip_summary(batch: dict) -> dict[str, int]:
   return {r: int(c) for r, c in zip(REASONS, counts) if c}
 
 
-__all__ = ["BATCH_SPEC", "RobustLoad", "make_pipeline", "skip_summary", "corpus_dataset"]
+__all__ = ["BATCH_SPEC", "RobustLoad", "ProcessBlocks", "BatchMixture", "make_pipeline", "skip_summary",
+           "corpus_dataset"]

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ from internvideo2_jax.data import synthetic, video as video_io
 from internvideo2_jax.data.transforms import normalize
 from internvideo2_jax.models.vit import VisionEncoder, ViTSpec
 from internvideo2_jax.parallel import mesh as mesh_lib, sharding
+from internvideo2_jax.parallel.mesh import batch_sharding
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ def run(config, workdir: str) -> dict:
   if config.init_from:
     params = vision_from_state_dict(load_state_dict(config.init_from), config.model,
                                     checkpoint_num_frames=config.get("checkpoint_num_frames"))
-    params = jax.device_put(params, sharding.shardings_for(init_fn, mesh))
+    params = jax.tree.map(sharding.global_from_host, params,
+                          flax.linen.unbox(sharding.shardings_for(init_fn, mesh)))
     print(f"loaded {config.init_from}")
   else:
     params, _ = sharding.init_sharded(init_fn, mesh)
@@ -88,11 +91,12 @@ def run(config, workdir: str) -> dict:
     real = len(chunk)
     if real < batch:  # pad the last batch so one compiled shape serves every call
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-    frames = sharding.shard_batch({"frames": chunk}, mesh)["frames"]
+    # every process decodes every video; each transfers its devices' rows, results are gathered
+    frames = sharding.global_from_host(chunk, batch_sharding(mesh, chunk.ndim))
     pooled, tokens = embed(params, frames)
-    pooled_all.append(np.asarray(pooled)[:real])
+    pooled_all.append(sharding.to_host(pooled)[:real])
     if config.save_tokens:
-      tokens_all.append(np.asarray(tokens)[:real])
+      tokens_all.append(sharding.to_host(tokens)[:real])
   model_s = time.perf_counter() - t0
 
   result = {"paths": np.asarray(ok_paths), "pooled": np.concatenate(pooled_all) if pooled_all else
@@ -100,7 +104,8 @@ def run(config, workdir: str) -> dict:
   if tokens_all:
     result["tokens"] = np.concatenate(tokens_all)
   out_path = os.path.join(workdir, "features.npz")
-  np.savez(out_path, **result)
+  if jax.process_index() == 0:
+    np.savez(out_path, **result)
   feats = result["pooled"]
   print(f"{len(ok_paths)} videos -> pooled features {feats.shape} "
         f"(decode {decode_s:.2f}s, model {model_s:.2f}s incl. compile) -> {out_path}")

@@ -26,6 +26,7 @@ from internvideo2_jax.data.transforms import normalize
 from internvideo2_jax.models.stage2 import Stage2Model
 from internvideo2_jax.ops.losses import l2_normalize
 from internvideo2_jax.parallel import sharding
+from internvideo2_jax.parallel.mesh import batch_sharding
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,12 @@ class Encoder:
       pad = self.batch - (e - s)
       if pad:
         chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
-      placed = sharding.shard_batch({str(i): c for i, c in enumerate(chunk)}, self.mesh)
-      res = fn(self.params, *[placed[str(i)] for i in range(len(chunk))])
+      # Every process holds the whole evaluation set; each transfers only its devices' rows,
+      # and the results are gathered back (process_allgather) so all processes score alike.
+      placed = [sharding.global_from_host(c, batch_sharding(self.mesh, c.ndim)) for c in chunk]
+      res = fn(self.params, *placed)
       res = res if isinstance(res, tuple) else (res,)
-      outs.append([np.asarray(r)[: e - s] for r in res])
+      outs.append([sharding.to_host(r)[: e - s] for r in res])
     return [np.concatenate(parts) for parts in zip(*outs)]
 
   def videos(self, videos):
@@ -302,5 +305,5 @@ def format_table(results: dict) -> str:
 
 
 def save_json(results: dict, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2)
+  from etils import epath  # local paths and gs://... alike
+  epath.Path(path).write_text(json.dumps(results, indent=2))

@@ -22,7 +22,6 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from internvideo2_jax.convert.io import load_state_dict
 from internvideo2_jax.convert.official import stage2_av_from_state_dict, stage2_from_state_dict
@@ -34,19 +33,26 @@ from internvideo2_jax.ops.losses import l2_normalize
 from internvideo2_jax.parallel import mesh as mesh_lib
 
 
-def load_params(config, mcfg, workdir: str):
+def load_params(config, mcfg, workdir: str, mesh):
+  """Weights from an official-layout file (host numpy, the same on every process) or from the
+  latest Orbax checkpoint, restored straight into the mesh's shardings (any process count)."""
   if config.eval.get("weights"):
     sd = load_state_dict(config.eval.weights)
     convert = stage2_av_from_state_dict if mcfg.get("audio") else stage2_from_state_dict
     return convert(sd, mcfg, checkpoint_num_frames=config.eval.get("weights_num_frames"))["params"]
-  ckpt_dir = os.path.abspath(config.eval.get("checkpoint_dir") or os.path.join(workdir, "checkpoints"))
-  with ocp.CheckpointManager(ckpt_dir) as mngr:
-    step = mngr.latest_step()
-    if step is None:
+  from internvideo2_jax.train import stage2
+  from internvideo2_jax.train.checkpoint import Checkpointer, resolve_dir
+  ckpt_dir = resolve_dir(config.eval.get("checkpoint_dir") or os.path.join(workdir, "checkpoints"))
+  ckpt = Checkpointer(ckpt_dir, async_save=False)
+  try:
+    if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; set eval.weights or eval.checkpoint_dir")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    abstract = stage2.step_parts(config, mesh, mcfg).abstract
+    state, step = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
   print(f"restored step {step} from {ckpt_dir}")
-  return jax.tree.map(np.asarray, restored["state"]["params"])
+  return state.params
 
 
 TASKS = ("retrieval", "classification", "audio_retrieval", "audio_classification")
@@ -60,8 +66,9 @@ def _labels(texts: list[str], txt2item: np.ndarray, n: int) -> tuple[list[str], 
 
 
 def run(config, workdir: str) -> dict:
+  from internvideo2_jax.parallel import distributed
   from internvideo2_jax.train.stage2 import build_model_config
-  os.makedirs(workdir, exist_ok=True)
+  distributed.make_dirs(workdir)
   task = config.eval.get("task", "retrieval")
   if task not in TASKS:
     raise ValueError(f"unknown eval.task {task!r}; one of {TASKS}")
@@ -69,8 +76,8 @@ def run(config, workdir: str) -> dict:
   av = bool(mcfg.get("audio"))
   if task.startswith("audio") and not av:
     raise ValueError(f"eval.task={task} needs an audio-visual model (configs/stage2.py:<size>,av)")
-  params = load_params(config, mcfg, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  params = load_params(config, mcfg, workdir, mesh)
   v = mcfg.vision
   seconds = float(config.data.load.get("audio_seconds", 10.0))
   spec = LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size,
@@ -114,6 +121,7 @@ def run(config, workdir: str) -> dict:
             f"top-5 {res['top5']:.1f}%")
   res["skipped"] = rset.skipped
   path = os.path.join(workdir, f"eval_{task}.json")
-  retrieval.save_json(res, path)
+  if jax.process_index() == 0:
+    retrieval.save_json(res, path)
   print(f"results: {path}")
   return res

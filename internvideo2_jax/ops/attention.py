@@ -173,6 +173,20 @@ register("pallas", _pallas, _pallas_supports)
 _AUTO_ORDER["gpu"] = ["cudnn", "pallas", "xla"]
 
 
+def _tpu_flash(q, k, v, **kw):
+  from internvideo2_jax.ops.tpu_attention import tpu_flash_attention
+  return tpu_flash_attention(q, k, v, **kw)
+
+
+def _tpu_flash_supports(spec):
+  from internvideo2_jax.ops.tpu_attention import supports
+  return supports(spec)
+
+
+# jax's Pallas TPU flash kernel (ops/tpu_attention.py); its import stays lazy for CPU/GPU users.
+register("tpu_flash", _tpu_flash, _tpu_flash_supports, auto_platforms=("tpu",))
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -207,6 +221,14 @@ def _describe(spec: AttentionSpec) -> str:
           f"head_dim={spec.head_dim}")
 
 
+def _platform() -> str:
+  """Where the traced computation runs: the devices of the ambient mesh (`jax.set_mesh`), which
+  are TPUs also when compiling ahead of time for a TPU topology on a CPU host; else the default
+  backend (inputs are tracers inside jit, so they cannot tell)."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return jax.default_backend() if device is None else device.platform
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
                           bias: Optional[Array] = None, scale: Optional[float] = None,
                           is_causal: bool = False, implementation: str = "auto",
@@ -228,8 +250,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
     raise ValueError(f"q, k, v must be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
   if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
     raise ValueError(f"incompatible q/k/v shapes {q.shape}, {k.shape}, {v.shape}")
-  # Inside jit the inputs are tracers; the default backend is where the computation runs.
-  spec = AttentionSpec(platform=jax.default_backend(), dtype=jnp.dtype(q.dtype), q_len=q.shape[1],
+  spec = AttentionSpec(platform=_platform(), dtype=jnp.dtype(q.dtype), q_len=q.shape[1],
                        kv_len=k.shape[1], num_heads=q.shape[2], head_dim=q.shape[3],
                        has_mask=mask is not None, has_bias=bias is not None, is_causal=is_causal,
                        has_dropout=dropout_rate > 0.0,

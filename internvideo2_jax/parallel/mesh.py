@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -10,6 +11,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from internvideo2_jax.parallel.rules import BATCH_AXES, MESH_AXES
+
+log = logging.getLogger(__name__)
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -40,11 +43,14 @@ def make_mesh(sizes: Optional[Mapping[str, int]] = None,
   """A mesh with Auto axis types (GSPMD propagation + logical rules), default all-data."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(dict(sizes or {"data": -1}), len(devices))
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  types = (AxisType.Auto,) * len(MESH_AXES)
+  try:  # laid out along the physical torus / NVLink domains where jax knows them
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    log.warning("mesh %s does not map onto the %d-device topology (%s); using the plain device "
+                "order, whose collectives may cross slow links. Sizes that divide the torus "
+                "axes map well (e.g. fsdp=64 on 4x8x8).", dict(zip(MESH_AXES, shape)), len(devices), e)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

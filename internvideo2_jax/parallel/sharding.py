@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internvideo2_jax.parallel.mesh import batch_sharding
 from internvideo2_jax.parallel.rules import DEFAULT_RULES
@@ -29,11 +29,21 @@ def mesh_specs(abstract_boxed, rules=DEFAULT_RULES) -> Any:
   return nn.logical_to_mesh(logical_specs(abstract_boxed), rules)
 
 
-def shardings_for(init_fn: Callable[[], Any], mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings (through the rules table) for the variables `init_fn()` would create."""
+def abstract_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules=DEFAULT_RULES):
+  """ShapeDtypeStructs (unboxed) with the NamedShardings the rules give `init_fn()`'s variables;
+  nothing is allocated. Indivisible layouts are refused with a clear message."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract = jax.eval_shape(init_fn)
-    return nn.logical_to_mesh_sharding(logical_specs(abstract), mesh, rules)
+  check_divisible(abstract, dict(mesh.shape), rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = nn.logical_to_mesh_sharding(logical_specs(abstract), mesh, rules)
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      nn.unbox(abstract), nn.unbox(shardings))
+
+
+def shardings_for(init_fn: Callable[[], Any], mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings (through the rules table) for the variables `init_fn()` would create."""
+  return jax.tree.map(lambda x: x.sharding, abstract_sharded(init_fn, mesh, rules))
 
 
 def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules=DEFAULT_RULES):
@@ -62,7 +72,7 @@ def _shard_shape(shape, spec: P, mesh_shape: Mapping[str, int]):
     axes = spec[i] if i < len(spec) else None
     axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
     k = math.prod(mesh_shape[a] for a in axes)
-    out.append(-(-n // k))  # uneven shards are padded to the ceiling
+    out.append(-(-n // k))  # an indivisible dim is reported in `uneven` (jit refuses it)
   return tuple(out)
 
 
@@ -100,7 +110,7 @@ def layout_report(abstract_boxed, mesh_shape: Mapping[str, int], rules=DEFAULT_R
       "replicated_bytes": replicated,
       "replicated_fraction": replicated / max(total, 1),
       "largest_replicated": [f"{n} ({b / 2**20:.1f} MiB)" for b, n in big_replicated[:5]],
-      "uneven": uneven,
+      "uneven": uneven,          # dims not divisible by their mesh axes: not a valid layout
   }
 
 
@@ -112,7 +122,8 @@ def format_report(report: dict) -> str:
   if report["largest_replicated"]:
     lines.append("largest replicated: " + ", ".join(report["largest_replicated"]))
   if report["uneven"]:
-    lines.append("padded (uneven) shards: " + "; ".join(report["uneven"][:5]))
+    lines.append(f"NOT DIVISIBLE ({len(report['uneven'])} parameters; jit refuses such shardings, "
+                 "change the mesh sizes or the sharding rules): " + "; ".join(report["uneven"][:5]))
   return "\n".join(lines)
 
 
@@ -126,5 +137,101 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   return out
 
 
-__all__ = ["shardings_for", "init_sharded", "abstract_init", "param_count", "layout_report", "format_report",
+def check_divisible(abstract_boxed, mesh_shape: Mapping[str, int], rules=DEFAULT_RULES, what: str = "model") -> None:
+  """Raises a clear error (parameter, dim, mesh axes, fitting sizes) before jit's IndivisibleError."""
+  report = layout_report(abstract_boxed, mesh_shape, rules)
+  if report["uneven"]:
+    sizes = ", ".join(f"{a}={n}" for a, n in mesh_shape.items())
+    raise ValueError(f"the {what} cannot be sharded over the mesh ({sizes}): "
+                     f"{len(report['uneven'])} parameter dims are not divisible by their mesh axes, e.g. "
+                     + "; ".join(report["uneven"][:4])
+                     + ". Pick mesh sizes that divide these dims (e.g. fsdp a power of two dividing the "
+                       "width) or change config.sharding_rules.")
+
+
+def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh: Mesh):
+  """Optimizer-state shardings: every copy of the params in the state (Adam moments, gradient
+  accumulators) sharded exactly like its parameter; counters and other scalars replicated."""
+  import optax
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated)
+
+
+class Placer:
+  """Puts host (numpy) weights into the sharded arrays of an abstract params tree, leaf by leaf.
+
+  Each process builds only the shards its own devices hold (`make_array_from_callback`), so a
+  multi-host load never fetches a global array to a host, and the host copy of a leaf can be
+  dropped as soon as it is placed. Paths are tuples of keys; `merge` swaps the placed leaves
+  into the initialised params (everything not loaded keeps its sharded init).
+  """
+
+  def __init__(self, abstract):
+    self.abstract = abstract
+    self.placed: dict[tuple, jax.Array] = {}
+
+  def put(self, path: tuple, value) -> None:
+    leaf = self.abstract
+    for i, k in enumerate(path):
+      if not isinstance(leaf, Mapping) or k not in leaf:
+        raise KeyError(f"loaded weight {'/'.join(path)}: the model has no {'/'.join(path[:i + 1])}")
+      leaf = leaf[k]
+    value = np.asarray(value)
+    if value.shape != tuple(leaf.shape):
+      raise ValueError(f"loaded weight {'/'.join(path)} has shape {value.shape}, the model "
+                            f"expects {tuple(leaf.shape)}")
+    dtype = leaf.dtype
+    self.placed[tuple(path)] = jax.make_array_from_callback(
+        tuple(leaf.shape), leaf.sharding, lambda idx: np.asarray(value[idx], dtype))
+
+  def put_tree(self, prefix: tuple, tree: Mapping) -> None:
+    """Places every leaf of a nested dict under `prefix`, releasing each host leaf once placed."""
+    for k in list(tree):
+      v = tree.pop(k) if isinstance(tree, dict) else tree[k]
+      if isinstance(v, Mapping):
+        self.put_tree(prefix + (k,), v)
+      else:
+        self.put(prefix + (k,), v)
+
+  def merge(self, params):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    treedef = jax.tree.structure(params)
+    leaves = [self.placed.get(tuple(getattr(k, "key", k) for k in path), v) for path, v in flat]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def global_from_host(array: np.ndarray, sharding_: NamedSharding) -> jax.Array:
+  """A global array from a host array that every process holds in full: each process transfers
+  only the shards of its own devices (no cross-host traffic)."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding_, lambda idx: array[idx])
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of a global array as numpy, on every process. Arrays held entirely by this
+  process are read directly; others are gathered with `process_allgather`, a collective: every
+  process must make the same call."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of an array sharded on its leading (batch) axis, in global order: the
+  counterpart of `shard_batch` for outputs (no cross-host traffic)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  seen, parts = set(), []
+  for sh in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+    start = sh.index[0].start or 0
+    if start not in seen:  # replicas over non-batch axes hold the same rows
+      seen.add(start)
+      parts.append(np.asarray(sh.data))
+  return np.concatenate(parts)
+
+
+__all__ = ["abstract_sharded", "shardings_for", "init_sharded", "check_divisible", "opt_state_shardings", "Placer",
+           "global_from_host", "to_host", "local_rows", "abstract_init", "param_count", "layout_report", "format_report",
            "shard_batch", "logical_specs", "mesh_specs"]

@@ -78,7 +78,7 @@ class TargetsCorpus:
 def run(config, workdir: str) -> dict:
   from internvideo2_jax.parallel import mesh as mesh_lib, sharding
   from internvideo2_jax.train.stage1 import build_models, teacher_targets
-  os.makedirs(workdir, exist_ok=True)
+  os.makedirs(workdir, exist_ok=True)  # (local: ArrayRecord files are written with local I/O)
   cc = config.cache
   student, clip_t, mae_t = build_models(config)
   del student
@@ -102,12 +102,19 @@ def run(config, workdir: str) -> dict:
                               stage="stage1", num_epochs=int(cc.views), train=True)
   prefix = os.path.join(workdir, "targets")
   n = int(cc.num_shards)
-  writers = [ArrayRecordWriter(f"{prefix}-{i:05d}-of-{n:05d}.array_record", "group_size:1") for i in range(n)]
+  # Each process writes the clips it loaded (its block of every global batch) to its own files.
+  proc = f"-p{jax.process_index():03d}" if jax.process_count() > 1 else ""
+  writers = [ArrayRecordWriter(f"{prefix}{proc}-{i:05d}-of-{n:05d}.array_record", "group_size:1") for i in range(n)]
   count, nbytes, t0 = 0, 0, time.perf_counter()
   try:
     for host in ds:
       video = sharding.shard_batch({"v": host["video"]}, mesh)["v"]
-      tg = jax.tree.map(np.asarray, fn(params, video))
+      b = len(host["video"])
+      lo = jax.process_index() * b
+      tg = {k: sharding.to_host(x) for k, x in fn(params, video).items()}  # gathered; keep our rows
+      tg = {k: (x[:, lo:lo + b] if x.ndim == 4 else x[lo * (x.shape[0] // (b * jax.process_count())):
+                                                       (lo + b) * (x.shape[0] // (b * jax.process_count()))])
+            for k, x in tg.items()}
       for i in range(len(host["video"])):
         raw = encode_example({"video": host["video"][i], "label": host["label"][i],
                               **{k: tg[k][:, i] if tg[k].ndim == 4 else tg[k][i] for k in

@@ -1,11 +1,14 @@
-"""The one module that talks to Orbax: train state + data iterator + config, resumable.
+"""The one module that talks to Orbax: train state + config, resumable on any mesh.
 
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3)
-    ckpt.save(step, state, iterator, config)          # async; data iterator state included
-    state, step = ckpt.restore(abstract_state, iterator)  # latest; iterator continues exactly
+    ckpt = Checkpointer(workdir + "/checkpoints", max_to_keep=3)
+    ckpt.save(step, state, config)              # async; every process writes its own shards
+    state, step = ckpt.restore(abstract_state)  # latest, into the shardings of abstract_state
 
 Items on disk: `state` (arrays, restored straight into the target shardings given by the
-abstract tree), `data` (grain iterator state, one small JSON per process), `config` (JSON).
+abstract tree, so a checkpoint written by 2 hosts restores on 1 and the reverse) and `config`
+(JSON, written by process 0). The data position is the step itself (the pipeline is random
+access), so no iterator state is stored. Directories may be local or `gs://...` (Orbax's own
+filesystem layer; never `open`/`os.path` on them).
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ import logging
 import os
 from typing import Any, Optional
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
 
+def resolve_dir(directory) -> str:
+  """Local paths made absolute (Orbax needs that); URLs such as gs://bucket/x kept as they are."""
+  directory = os.fspath(directory)
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
 class Checkpointer:
-  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+  def __init__(self, directory, *, max_to_keep: int = 3, save_interval_steps: int = 1,
                async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = resolve_dir(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
@@ -38,33 +46,24 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iterator: Optional[grain.DatasetIterator] = None,
-           config: Any = None, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, config: Any = None, *, force: bool = False) -> bool:
+    """Every process must call this (each writes the shards it holds)."""
     items = {"state": ocp.args.StandardSave(state)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if config is not None:
       items["config"] = ocp.args.JsonSave(config.to_dict() if hasattr(config, "to_dict") else dict(config))
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-    if saved:
+    if saved and jax.process_index() == 0:
       log.info("checkpoint %d -> %s", step, self.directory)
     return saved
 
-  def restore(self, abstract_state: Any, data_iterator: Optional[grain.DatasetIterator] = None,
-              step: Optional[int] = None) -> tuple[Any, int]:
-    """Restores `step` (default latest) into the shapes/shardings of `abstract_state`.
-
-    `data_iterator` (a fresh iterator of the same pipeline) is advanced in place to where the
-    saved run stopped.
-    """
+  def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, int]:
+    """Restores `step` (default latest) into the shapes/shardings of `abstract_state` (arrays
+    or ShapeDtypeStructs with shardings), whatever mesh or process count wrote it."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    items = {"state": ocp.args.StandardRestore(abstract)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored["state"], step
 
   def restore_config(self, step: Optional[int] = None) -> dict:

@@ -4,14 +4,49 @@ lookups, norms and softmax are not counted. MFU = achieved FLOP/s / peak of the 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 
-# Dense bf16 peak TFLOP/s per chip.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L4": 121.0,
-               "TPU v4": 275.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
-               "TPU v6 lite": 918.0, "TPU v6e": 918.0}
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  peak_tflops: float   # dense bf16
+  hbm_gb: float        # memory per chip (GB = 1e9 bytes, as the vendors state it)
+  hbm_tbps: float      # memory bandwidth, TB/s
+
+
+# TPUs by the exact `device_kind` they report (v5p says "TPU v5", v5e "TPU v5 lite", v6e
+# "TPU v6 lite"); GPUs by model name inside their kind ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+TPU_CHIPS = {
+    "TPU v4": Chip("v4", 275.0, 32.0, 1.2),
+    "TPU v5 lite": Chip("v5e", 197.0, 16.0, 0.82),
+    "TPU v5e": Chip("v5e", 197.0, 16.0, 0.82),
+    "TPU v5": Chip("v5p", 459.0, 95.0, 2.76),
+    "TPU v5p": Chip("v5p", 459.0, 95.0, 2.76),
+    "TPU v6 lite": Chip("v6e", 918.0, 32.0, 1.64),
+    "TPU v6e": Chip("v6e", 918.0, 32.0, 1.64),
+}
+GPU_CHIPS = (  # the first name found in the kind wins, so longer names come first
+    ("H100 PCIe", Chip("H100 PCIe", 756.0, 80.0, 2.0)),
+    ("H100", Chip("H100", 989.0, 80.0, 3.35)),
+    ("H200", Chip("H200", 989.0, 141.0, 4.8)),
+    ("H800", Chip("H800", 989.0, 80.0, 3.35)),
+    ("A100", Chip("A100", 312.0, 80.0, 2.0)),
+    ("L4", Chip("L4", 121.0, 24.0, 0.3)),
+)
+
+
+def chip(device_kind: str) -> Optional[Chip]:
+  """Peak FLOP/s, HBM and bandwidth of one chip from its `device_kind` (None if unknown)."""
+  kind = device_kind.strip()
+  if kind in TPU_CHIPS:
+    return TPU_CHIPS[kind]
+  for name, c in GPU_CHIPS:
+    if name.lower() in kind.lower():
+      return c
+  return None
 
 
 def vit_forward(tokens: int, dim: int, depth: int, mlp: int, patch_in: int, pool_dim: int = 0) -> float:
@@ -52,12 +87,10 @@ def stage2_train_flops(cfg, *, batch: int, frames: int, visible_tokens: int, tex
   return 3.0 * batch * per_example
 
 
-def peak_flops(override_tflops: Optional[float] = None) -> Optional[float]:
+def peak_flops(override_tflops: Optional[float] = None, devices=None) -> Optional[float]:
   """Peak FLOP/s of all devices, from the device kind (None on CPU / unknown)."""
+  devices = jax.devices() if devices is None else devices
   if override_tflops:
-    return override_tflops * 1e12 * jax.device_count()
-  kind = jax.devices()[0].device_kind
-  for name, tf in PEAK_TFLOPS.items():
-    if name.lower() in kind.lower():
-      return tf * 1e12 * jax.device_count()
-  return None
+    return override_tflops * 1e12 * len(devices)
+  c = chip(devices[0].device_kind)
+  return c.peak_tflops * 1e12 * len(devices) if c else None

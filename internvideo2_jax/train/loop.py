@@ -3,8 +3,12 @@
     mesh -> model + sharded init (+ pretrained towers) -> optimizer/state -> resume from the
     workdir -> AOT compile with a memory report -> steps with metrics, evals, checkpoints
 
-SIGTERM (preemption, `kill`) finishes the current step, saves a checkpoint including the data
-iterator position, and exits cleanly; the next run with the same workdir resumes exactly there.
+SIGTERM (preemption, `kill`) finishes the current step, saves a checkpoint and exits cleanly;
+the next run with the same workdir resumes exactly there, on any number of processes: the data
+position is the step (the pipeline is random access, see data/pipeline.py) and Orbax restores
+the state into whatever sharding the new mesh gives it. `train.stop_at_step` does the same at a
+chosen step (a planned stop). Multi-host: every process runs this loop on its slice of the
+data; process 0 alone writes metrics, TensorBoard and exports; throughput is global.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from internvideo2_jax.data.pipeline import skip_summary
-from internvideo2_jax.parallel import sharding
+from internvideo2_jax.parallel import distributed, sharding
 from internvideo2_jax.train import optimizer as opt_lib, state as state_lib
 from internvideo2_jax.train.checkpoint import Checkpointer
 from internvideo2_jax.train.flops import peak_flops
@@ -44,7 +48,7 @@ class Setup:
   state: state_lib.TrainState
   tx: optax.GradientTransformation
   step_fn: Callable                     # pure (state, batch, rng, num_visible) -> (state, metrics)
-  data: Any                             # grain dataset of host batches
+  data: Callable[[int], Any]            # start batch -> grain dataset of host batches
   flops_per_step: Callable[[dict], float]  # host batch -> FLOPs of one step
   evaluate: Optional[Callable[[Any], dict]] = None   # params -> {name: scalar}
   finish: Optional[Callable[[Any, str], None]] = None  # (params, workdir) after training
@@ -101,16 +105,17 @@ def train(cfg, workdir: str, setup: Setup) -> dict:
   tc = cfg.train
   mesh, rules = setup.mesh, setup.rules
   writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)),
-                        total_steps=int(tc.total_steps))
+                        total_steps=int(tc.total_steps), enabled=jax.process_index() == 0)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(tc.get("keep_checkpoints", 2)),
                       async_save=bool(tc.get("async_checkpoints", True)))
   state = setup.state
   state_sh = jax.tree.map(lambda x: x.sharding, state)
-  it = iter(setup.data)
   start = 0
   if ckpt.latest_step() is not None:
-    state, start = ckpt.restore(state, it)
-    print(f"resumed from {ckpt.directory} at step {start} (data iterator restored)", flush=True)
+    state, start = ckpt.restore(state)
+    print(f"resumed from {ckpt.directory} at step {start} on {jax.process_count()} process(es) x "
+          f"{jax.local_device_count()} devices", flush=True)
+  it = iter(setup.data(start))
   repl = NamedSharding(mesh, P())
   compiled = {}
   compile_time = [0.0]  # excluded from the throughput numbers
@@ -123,13 +128,8 @@ def train(cfg, workdir: str, setup: Setup) -> dict:
     key = (tuple((k, v.shape) for k, v in sorted(batch.items())), nv)
     if key not in compiled:
       batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-      jitted = jax.jit(functools.partial(setup.step_fn, num_visible=nv),
-                       in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, None),
-                       donate_argnums=(0,))
       t0 = time.perf_counter()
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        lowered = jitted.lower(state, batch, rng)
-        exe = lowered.compile()
+      exe = compile_step(setup.step_fn, state, batch, rng, mesh, rules, state_sh, batch_sh, nv)
       dt = time.perf_counter() - t0
       compile_time[0] += dt
       print(f"compiled the step for {dict((k, v.shape) for k, v in batch.items())} in "
@@ -144,24 +144,38 @@ def train(cfg, workdir: str, setup: Setup) -> dict:
     ckpt.close()
 
 
+def compile_step(step_fn, state, batch, rng, mesh, rules, state_sh, batch_sh, num_visible):
+  """Ahead-of-time compile of a step with explicit shardings and the state donated. `state`,
+  `batch` may be arrays or ShapeDtypeStructs (the `compile` job lowers for devices it lacks)."""
+  repl = NamedSharding(mesh, P())
+  jitted = jax.jit(functools.partial(step_fn, num_visible=num_visible),
+                   in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, None),
+                   donate_argnums=(0,))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jitted.lower(state, batch, rng).compile()
+
+
 def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time):
   tc = cfg.train
   total = int(tc.total_steps)
+  stop_at = int(tc.get("stop_at_step", 0)) or total
   log_every, eval_every = int(tc.log_every), int(tc.get("eval_every", 0))
   ckpt_every = int(tc.get("checkpoint_every", 0))
   results = {}
   acc = None
   t_log, n_log, flops_log, log_start = time.perf_counter(), 0, 0.0, start
+  procs = jax.process_count()
   with _Preempted() as pre:
     step = start
-    while step < total and not pre.flag:
+    stop = False
+    while step < min(total, stop_at) and not stop:
       host = next(it)
       exe, batch = get_step(host)
       state, metrics = exe(state, batch, rng)
       acc = metrics if acc is None else acc.merge(metrics)
       step += 1
-      n_log += len(host["video"])
-      flops_log += setup.flops_per_step(host)
+      n_log += len(host["video"]) * procs            # every process loads an equal slice
+      flops_log += setup.flops_per_step(host) * procs
       if step % log_every == 0 or step == total:
         values = {k: float(v) for k, v in acc.compute().items()}
         dt = time.perf_counter() - t_log - compile_time[0]
@@ -170,7 +184,7 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
         values["tflops_per_s"] = flops_log / dt / 1e12
         if peak:
           values["mfu"] = flops_log / dt / peak
-        skipped = skip_summary(host)
+        skipped = skip_summary(host)  # this process's slice
         values.update({f"data_skipped/{k}": v for k, v in skipped.items()})
         writer.write(step, values, prefix="train/")
         acc, t_log, n_log, flops_log, log_start = None, time.perf_counter(), 0, 0.0, step
@@ -179,13 +193,15 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
         t_log, n_log, flops_log, log_start = time.perf_counter(), 0, 0.0, step
         acc = None
       if ckpt_every and step % ckpt_every == 0:
-        ckpt.save(step, state, it, cfg)
+        ckpt.save(step, state, cfg)
+      stop = distributed.any_process(pre.flag)  # every host stops after the same step
     ckpt.wait()
     if ckpt.latest_step() != step:
-      ckpt.save(step, state, it, cfg, force=True)
+      ckpt.save(step, state, cfg, force=True)
       ckpt.wait()
-    if pre.flag:
-      print(f"saved step {step} to {ckpt.directory}; exiting after SIGTERM", flush=True)
+    if stop or step < total:
+      why = "after SIGTERM" if stop else f"at train.stop_at_step={stop_at}"
+      print(f"saved step {step} to {ckpt.directory}; exiting {why}", flush=True)
       return {"preempted_at": step}
   if setup.evaluate:
     results = _evaluate(setup, state, writer, step)
@@ -214,26 +230,65 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def init_state(init_fn: Callable, mesh, rules, tx_factory: Callable, *, freeze=(), unfreeze=(),
-               load: Optional[Callable[[dict], dict]] = None):
-  """Sharded init -> optional weight loading -> optimizer over the trainable subset -> state.
+def abstract_state(init_fn: Callable, mesh, rules, tx_factory: Callable, *, freeze=(), unfreeze=()):
+  """The state's shapes and shardings without allocating anything (also for devices this
+  machine does not have). Optimizer moments are sharded exactly like their parameters.
 
-  `load(params_numpy_inner) -> params_inner` replaces parts with pretrained weights.
-  Returns (state, tx, trainable keys).
+  Returns (abstract TrainState of ShapeDtypeStructs with shardings, tx, trainable keys).
   """
-  params, shardings = sharding.init_sharded(init_fn, mesh, rules)
-  params = nn.unbox(params)
-  if load is not None:
-    inner = load(jax.tree.map(np.asarray, params["params"]))
-    params = jax.device_put({"params": inner}, nn.unbox(shardings))
-  flat = opt_lib.flatten(params["params"])
+  params = sharding.abstract_sharded(init_fn, mesh, rules)["params"]
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  flat = opt_lib.flatten(params)
   trainable = opt_lib.trainable_keys(flat, freeze, unfreeze)
   if not trainable:
     raise ValueError("every parameter is frozen (check freeze_* / unfreeze_keys)")
   tx = tx_factory({k: flat[k] for k in trainable})
+  abstract = jax.eval_shape(lambda p: state_lib.create(p, tx, trainable), params)
+  flat_sh = opt_lib.flatten(param_sh)
+  repl = NamedSharding(mesh, P())
+  shardings = state_lib.TrainState(
+      step=repl, params=param_sh, skipped=repl, trainable=tuple(trainable),
+      opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, {k: flat_sh[k] for k in trainable}, mesh))
+  abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
+  return abstract, tx, trainable
+
+
+@dataclasses.dataclass
+class StepParts:
+  """A stage's training step with everything abstract: what its `run` materialises and the
+  `compile` job lowers for devices it does not have."""
+  rules: Any
+  init_fn: Callable                       # () -> boxed variables {"params": ...}
+  abstract: Any                           # TrainState of ShapeDtypeStructs with shardings
+  tx: optax.GradientTransformation
+  trainable: list
+  step_fn: Callable                       # pure (state, batch, rng, num_visible) -> (state, metrics)
+  batch: dict                             # the global batch: key -> ShapeDtypeStruct
+  num_visible: Optional[int]              # static visible-token count of the batch's mask
+  flops_per_step: Callable[[dict], float]  # host batch -> FLOPs of this process's share
+  batch_flops: Callable[[dict, Optional[int]], float]  # (global batch shapes, num_visible) -> FLOPs
+  extra: dict = dataclasses.field(default_factory=dict)
+
+
+def materialize(parts: StepParts, mesh, load: Optional[Callable[[sharding.Placer], None]] = None):
+  """Sharded init -> optional weight loading -> optimizer state -> the TrainState, each array
+  created directly in its sharding (optimizer moments like their parameters).
+
+  `load(placer)` puts pretrained weights into the sharded params (`placer.put_tree(path,
+  numpy_subtree)`): each process transfers only its devices' shards, and nothing global is
+  ever fetched to a host.
+  """
+  params, _ = sharding.init_sharded(parts.init_fn, mesh, parts.rules)
+  params = nn.unbox(params)["params"]
+  if load is not None:
+    placer = sharding.Placer(parts.abstract.params)
+    load(placer)
+    params = placer.merge(params)
+  out_sh = jax.tree.map(lambda x: x.sharding, parts.abstract)
+  tx, trainable = parts.tx, parts.trainable
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda p: state_lib.create(p, tx, trainable))(params["params"])
-  return state, tx, trainable
+    return jax.jit(lambda p: state_lib.create(p, tx, trainable), out_shardings=out_sh)(params)
 
 
-__all__ = ["Setup", "train", "init_state", "device_batch", "memory_report"]
+__all__ = ["Setup", "StepParts", "train", "materialize", "abstract_state", "compile_step", "device_batch",
+           "memory_report"]

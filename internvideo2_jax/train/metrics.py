@@ -1,7 +1,8 @@
 """Metric writers: console, JSONL and TensorBoard event files (tensorboardX, no TensorFlow).
 
 Aggregation over steps uses `clu.metrics` collections (see train/stage2.py); this module only
-writes the computed scalars.
+writes the computed scalars. In a multi-host run only process 0 writes (`enabled`); the other
+processes get a writer that does nothing, so no file is written twice.
 """
 
 from __future__ import annotations
@@ -11,22 +12,29 @@ import os
 import time
 from typing import Mapping
 
+from etils import epath
+
 
 class MetricWriter:
   def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True,
-               total_steps: int = 0):
-    os.makedirs(workdir, exist_ok=True)
+               total_steps: int = 0, enabled: bool = True):
+    self.enabled = enabled
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self._jsonl = open(self.jsonl_path, "a")
     self.tb_dir = os.path.join(workdir, "tensorboard")
-    self._tb = None
+    self._jsonl = self._tb = None
+    self._console = console
+    self._total = total_steps
+    if not enabled:
+      return
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    self._jsonl = epath.Path(self.jsonl_path).open("a")
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(self.tb_dir)
-    self._console = console
-    self._total = total_steps
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+    if not self.enabled:
+      return
     vals = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **vals}) + "\n")
     self._jsonl.flush()
@@ -40,7 +48,8 @@ class MetricWriter:
       print(f"[{where}] " + "  ".join(f"{k}={_fmt(v)}" for k, v in vals.items()), flush=True)
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -111,24 +111,20 @@ def build_models(config):
   return Stage1Student(mcfg), CLIPTeacher(tc), MAETeacher(mc)
 
 
-def run(config, workdir: str) -> dict:
-  from internvideo2_jax.convert.io import load_state_dict, save_state_dict
-  from internvideo2_jax.convert.official import stage1_to_state_dict
-  from internvideo2_jax.convert import teachers as teacher_conv
-  from internvideo2_jax.data import pipeline, synthetic
+def batch_shapes(config) -> dict:
+  """The global batch of a stage-1 step (16-frame clips for the online teachers)."""
+  v = config.model.vision
+  b = int(config.data.batch_size)
+  return {"video": jax.ShapeDtypeStruct((b, 2 * v.num_frames, v.img_size, v.img_size, 3), np.uint8)}
+
+
+def step_parts(config, mesh):
+  """Stage 1's training step with everything abstract (see loop.StepParts)."""
   from internvideo2_jax.parallel import mesh as mesh_lib, rules as rules_lib
   from internvideo2_jax.train import flops, loop, optimizer as opt_lib
-
-  os.makedirs(workdir, exist_ok=True)
-  data = config.data
-  if data.get("synthetic_dir") and not os.path.exists(os.path.join(data.synthetic_dir, "train_stage1.csv")):
-    print(f"writing the synthetic corpus to {data.synthetic_dir} ...", flush=True)
-    synthetic.write_corpus(data.synthetic_dir, train=int(data.synthetic_train), val=0,
-                           seed=int(config.seed), num_frames=32, size=int(data.synthetic_size))
   student, clip_t, mae_t = build_models(config)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = rules_lib.DEFAULT_RULES
-  mesh_lib.global_batch_size_ok(mesh, int(data.batch_size))
+  mesh_lib.global_batch_size_ok(mesh, int(config.data.batch_size))
   v = config.model.vision
   n_vis = (v.num_frames // v.tubelet_size) * masking.visible_per_frame((v.img_size // v.patch_size) ** 2,
                                                                       config.train.mask_ratio)
@@ -142,43 +138,70 @@ def run(config, workdir: str) -> dict:
         "student": student.init({"params": k, "dropout": k}, v16[:, ::2], mask0, n_vis)["params"],
         "teachers": {"clip": clip_t.init(k, v16[:, ::2])["params"], "mae": mae_t.init(k, v16)["params"]}}}
 
-  def load(inner):
-    if config.model.clip_teacher_init:
-      inner["teachers"]["clip"] = teacher_conv.clip_teacher_from_state_dict(
-          load_state_dict(config.model.clip_teacher_init), config.model.clip_teacher)
-    if config.model.mae_teacher_init:
-      inner["teachers"]["mae"] = teacher_conv.mae_teacher_from_state_dict(
-          load_state_dict(config.model.mae_teacher_init), config.model.mae_teacher)
-    return inner
-
   oc = config.optimizer
-  state, tx, trainable = loop.init_state(
+  abstract, tx, trainable = loop.abstract_state(
       init_fn, mesh, rules, lambda tr: opt_lib.make_optimizer(oc, tr, vision_depth=v.depth),
-      freeze=(r"^teachers/",), load=load)
+      freeze=(r"^teachers/",))
   lr_fn = opt_lib.lr_schedule(float(oc.lr), int(oc.total_steps), int(oc.warmup_steps),
                               float(oc.min_lr_multi), oc.schedule)
-  tcfg = ml_collections.ConfigDict(dict(config.train.to_dict(), data_norm=data.get("norm", "imagenet")))
+  tcfg = ml_collections.ConfigDict(dict(config.train.to_dict(), data_norm=config.data.get("norm", "imagenet")))
   step_fn = make_step(student, clip_t, mae_t, tx, tcfg, lr_fn=lr_fn)
-  ds = pipeline.make_pipeline(data, ml_collections.ConfigDict(dict(v.to_dict(), num_frames=2 * v.num_frames)),
-                              stage="stage1")
+  d, depth = v.embed_dim, v.depth
+  per_clip = 3.0 * flops.vit_forward(1 + n_vis, d, depth, int(d * v.mlp_ratio),
+                                     3 * v.patch_size ** 2 * v.tubelet_size, v.clip_embed_dim)
+  # student only (the teachers' forward is not counted)
+  return loop.StepParts(rules=rules, init_fn=init_fn, abstract=abstract, tx=tx, trainable=trainable,
+                        step_fn=step_fn, batch=batch_shapes(config), num_visible=None,
+                        flops_per_step=lambda host: per_clip * len(host["video"]),
+                        batch_flops=lambda shapes, _: per_clip * shapes["video"].shape[0],
+                        extra={"student": student, "n_vis": n_vis})
 
-  def flops_per_step(host):
-    d, depth = v.embed_dim, v.depth
-    per = flops.vit_forward(1 + n_vis, d, depth, int(d * v.mlp_ratio), 3 * v.patch_size ** 2 * v.tubelet_size,
-                            v.clip_embed_dim)
-    return 3.0 * len(host["video"]) * per  # student only (teachers: forward, not counted)
+
+def run(config, workdir: str) -> dict:
+  from internvideo2_jax.convert.io import load_state_dict, save_state_dict
+  from internvideo2_jax.convert.official import stage1_to_state_dict
+  from internvideo2_jax.convert import teachers as teacher_conv
+  from internvideo2_jax.data import pipeline, synthetic
+  from internvideo2_jax.parallel import distributed, mesh as mesh_lib, sharding
+  from internvideo2_jax.train import loop
+
+  distributed.make_dirs(workdir)
+  data = config.data
+  if data.get("synthetic_dir") and not os.path.exists(os.path.join(data.synthetic_dir, "train_stage1.csv")):
+    if jax.process_index() == 0:
+      print(f"writing the synthetic corpus to {data.synthetic_dir} ...", flush=True)
+      synthetic.write_corpus(data.synthetic_dir, train=int(data.synthetic_train), val=0,
+                             seed=int(config.seed), num_frames=32, size=int(data.synthetic_size))
+    distributed.sync("synthetic corpus written")
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  parts = step_parts(config, mesh)
+  student, n_vis = parts.extra["student"], parts.extra["n_vis"]
+  v = config.model.vision
+
+  def load(placer):
+    if config.model.clip_teacher_init:
+      placer.put_tree(("teachers", "clip"), teacher_conv.clip_teacher_from_state_dict(
+          load_state_dict(config.model.clip_teacher_init), config.model.clip_teacher))
+    if config.model.mae_teacher_init:
+      placer.put_tree(("teachers", "mae"), teacher_conv.mae_teacher_from_state_dict(
+          load_state_dict(config.model.mae_teacher_init), config.model.mae_teacher))
+
+  state = loop.materialize(parts, mesh, load=load)
+  model_cfg = ml_collections.ConfigDict(dict(v.to_dict(), num_frames=2 * v.num_frames))
+  ds = lambda start: pipeline.make_pipeline(data, model_cfg, stage="stage1", start_batch=start)  # noqa: E731
 
   def finish(params, wd):
-    path = os.path.join(wd, "export", "stage1_official_layout.safetensors")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_state_dict(stage1_to_state_dict(jax.tree.map(np.asarray, params["student"]), student.config), path)
-    print(f"exported the student in the official stage-1 key layout: {path}", flush=True)
+    host = jax.tree.map(sharding.to_host, params["student"])  # a collective: every process gathers
+    if jax.process_index() == 0:
+      path = os.path.join(wd, "export", "stage1_official_layout.safetensors")
+      save_state_dict(stage1_to_state_dict(host, student.config), path)
+      print(f"exported the student in the official stage-1 key layout: {path}", flush=True)
 
   print(f"student {sum(x.size for x in jax.tree.leaves(state.params['student'])):,} parameters; teachers "
         f"{sum(x.size for x in jax.tree.leaves(state.params['teachers'])):,} (frozen); {n_vis} visible tokens",
         flush=True)
-  setup = loop.Setup(mesh=mesh, rules=rules, state=state, tx=tx, step_fn=step_fn, data=ds,
-                     flops_per_step=flops_per_step, finish=finish)
+  setup = loop.Setup(mesh=mesh, rules=parts.rules, state=state, tx=parts.tx, step_fn=parts.step_fn, data=ds,
+                     flops_per_step=parts.flops_per_step, finish=finish)
   t0 = time.perf_counter()
   res = loop.train(config, workdir, setup)
   print(f"stage 1 done in {(time.perf_counter() - t0) / 60:.1f} min")

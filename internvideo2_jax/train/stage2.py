@@ -6,16 +6,21 @@ shardings and donation. Batches are global arrays (see data/pipeline.BATCH_SPEC)
 """
 
 
+import os
+import time
+from typing import Optional
+
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from clu import metrics as clu_metrics
-import flax.struct
-import time
 
 from internvideo2_jax.data.transforms import normalize
 from internvideo2_jax.models.stage2 import TEMP_MAX, TEMP_MIN, Stage2Model
 from internvideo2_jax.ops import losses as L
+from internvideo2_jax.parallel import distributed
 from internvideo2_jax.train.state import TrainState, apply_gradients
 
 LOSSES = ("vtc", "vtm", "mlm")
@@ -57,9 +62,10 @@ def stage2_losses(model: Stage2Model, params, batch, rng, cfg, *, num_visible, g
   if w.vtm:
     neg_t, neg_v = L.hard_negatives(k_neg, jax.lax.stop_gradient(v), jax.lax.stop_gradient(t), sid,
                                     jax.lax.stop_gradient(temp), groups)
-    text_h = jnp.concatenate([hidden, hidden, hidden[neg_t]])
-    text_m = jnp.concatenate([tmask, tmask, tmask[neg_t]])
-    memory = jnp.concatenate([x_vis, x_vis[neg_v], x_vis])
+    take = lambda x, i: L.take_in_groups(x, i, groups)  # noqa: E731 - local to each batch shard
+    text_h = jnp.concatenate([hidden, hidden, take(hidden, neg_t)])
+    text_m = jnp.concatenate([tmask, tmask, take(tmask, neg_t)])
+    memory = jnp.concatenate([x_vis, take(x_vis, neg_v), x_vis])
     logits = model.apply(p, text_h, text_m, memory, method=Stage2Model.itm_logits,
                          rngs={"dropout": k_drop_f})
     out["vtm"] = L.cross_entropy(logits, L.itm_labels(ids.shape[0]))
@@ -160,40 +166,66 @@ def build_model_config(mc):
   return stage2_config(vision, text, embed_dim=mc.embed_dim, temp=mc.temp)
 
 
-def run(config, workdir: str) -> dict:
-  """Stage-2 training job (main job of the README)."""
+def _write_synthetic(config) -> None:
+  data = config.data
+  root = data.synthetic_dir
+  val_av = int(data.get("synthetic_val_av", 0))
+  if os.path.exists(os.path.join(root, "val.json")) and not (
+      val_av and not os.path.exists(os.path.join(root, "val_av.json"))):
+    return
+  if jax.process_index() == 0:
+    from internvideo2_jax.data import synthetic
+    print(f"writing the synthetic corpus to {root} ...", flush=True)
+    t0 = time.perf_counter()
+    synthetic.write_corpus(root, train=int(data.synthetic_train), val=int(data.synthetic_val),
+                           seed=int(config.seed), num_frames=16, size=int(data.synthetic_size),
+                           radius=tuple(data.get("synthetic_radius", (0.12, 0.2))), val_av=val_av)
+    print(f"  {data.synthetic_train} + {data.synthetic_val} clips in {time.perf_counter() - t0:.0f}s", flush=True)
+  distributed.sync("synthetic corpus written")
+
+
+def is_audio(config) -> bool:
+  return bool(config.model.get("audio"))
+
+
+def batch_shapes(config, mcfg) -> tuple[dict, Optional[int]]:
+  """The global batch of a training step as ShapeDtypeStructs (data/pipeline.BATCH_SPEC), and
+  the static visible-token count of its mask."""
+  from internvideo2_jax.data.audio import fbank_frames
+  from internvideo2_jax.data.masks import visible_count
+  v, load = mcfg.vision, config.data.load
+  b = int(config.data.batch_size)
+  sds = jax.ShapeDtypeStruct
+  batch = {"video": sds((b, v.num_frames, v.img_size, v.img_size, 3), np.uint8),
+           "text_ids": sds((b, int(load.max_txt_l)), np.int32),
+           "text_mask": sds((b, int(load.max_txt_l)), np.int32),
+           "sample_id": sds((b,), np.int32)}
+  nv = None
+  if load.get("mask", "none") != "none":
+    grid = (v.num_frames // v.tubelet_size, v.img_size // v.patch_size, v.img_size // v.patch_size)
+    batch["mask"] = sds((b, int(np.prod(grid))), np.bool_)
+    nv = visible_count(load.mask, grid, float(load.get("mask_ratio", 0.0)))
+  if is_audio(config):
+    batch["audio"] = sds((b, fbank_frames(float(load.get("audio_seconds", 10.0))), 64), np.float32)
+    batch["has_audio"] = sds((b,), np.bool_)
+  return batch, nv
+
+
+def step_parts(config, mesh, mcfg=None):
+  """Stage 2's training step with everything abstract (see loop.StepParts)."""
   import ml_collections
-  import numpy as np
-  from internvideo2_jax.convert import bert as bert_conv
-  from internvideo2_jax.convert.io import load_state_dict
-  from internvideo2_jax.convert.official import vision_from_state_dict
-  from internvideo2_jax.data import pipeline, synthetic, text as text_lib
-  from internvideo2_jax.data.loader import LoadSpec
-  from internvideo2_jax.evaluate import retrieval
+  from internvideo2_jax.data import text as text_lib
+  from internvideo2_jax.data.audio import fbank_frames
+  from internvideo2_jax.ops.losses import vtc_scale
   from internvideo2_jax.parallel import mesh as mesh_lib, rules as rules_lib
   from internvideo2_jax.train import flops, loop, optimizer as opt_lib
-  import os
-
-  os.makedirs(workdir, exist_ok=True)
+  mcfg = mcfg or build_model_config(config.model)
   data = config.data
-  if data.get("synthetic_dir"):
-    root = data.synthetic_dir
-    val_av = int(data.get("synthetic_val_av", 0))
-    if not os.path.exists(os.path.join(root, "val.json")) or (
-        val_av and not os.path.exists(os.path.join(root, "val_av.json"))):
-      print(f"writing the synthetic corpus to {root} ...", flush=True)
-      t0 = time.perf_counter()
-      synthetic.write_corpus(root, train=int(data.synthetic_train), val=int(data.synthetic_val),
-                             seed=int(config.seed), num_frames=16, size=int(data.synthetic_size),
-                             radius=tuple(data.get("synthetic_radius", (0.12, 0.2))), val_av=val_av)
-      print(f"  {data.synthetic_train} + {data.synthetic_val} clips in {time.perf_counter() - t0:.0f}s", flush=True)
-  mcfg = build_model_config(config.model)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = rules_lib.rules_from_config(config.get("sharding_rules", {}).to_dict()
                                       if config.get("sharding_rules") else None)
   groups = mesh.shape["data"] * mesh.shape["fsdp"]
   mesh_lib.global_batch_size_ok(mesh, int(data.batch_size))
-  audio = bool(config.model.get("audio"))
+  audio = is_audio(config)
   if audio:
     from internvideo2_jax.models.stage2_av import Stage2AVModel
     from internvideo2_jax.train.stage2_av import AV_LOSSES, av_losses
@@ -201,46 +233,84 @@ def run(config, workdir: str) -> dict:
   else:
     model_cls = Stage2Model
   train_model = model_cls(mcfg, deterministic=False)
-  eval_model = model_cls(mcfg, deterministic=True)
   v = mcfg.vision
   t_len = int(data.load.max_txt_l)
   dummy_video = jnp.zeros((1, v.num_frames, v.img_size, v.img_size, 3), jnp.float32)
   dummy_ids = jnp.ones((1, t_len), jnp.int32)
-  from internvideo2_jax.data.audio import fbank_frames
   dummy_fbank = jnp.zeros((1, fbank_frames(float(data.load.get("audio_seconds", 10.0))), 64))
   dummy_inputs = ((dummy_video, dummy_fbank, dummy_ids, dummy_ids) if audio
                   else (dummy_video, dummy_ids, dummy_ids))
   init_fn = lambda: train_model.init({"params": jax.random.key(config.seed), "dropout": jax.random.key(1)},  # noqa: E731
                                      *dummy_inputs)
-
-  def load(inner):
-    if config.model.text_init:
-      d = bert_conv.minilm_dir() if config.model.text_init == "minilm" else config.model.text_init
-      inner["text_encoder"] = bert_conv.load_hf_bert(d, mcfg.text, inner["text_encoder"])
-      print(f"text tower initialised from {d}", flush=True)
-    if config.model.get("vision_init"):
-      sd = load_state_dict(config.model.vision_init)
-      inner["vision_encoder"] = vision_from_state_dict(sd, mcfg.vision, strict=False)["params"]
-      print(f"vision tower initialised from {config.model.vision_init}", flush=True)
-    return inner
-
   freeze, unfreeze = opt_lib.freeze_patterns(config.model)
   oc = config.optimizer
-  state, tx, trainable = loop.init_state(
+  abstract, tx, trainable = loop.abstract_state(
       init_fn, mesh, rules, lambda tr: opt_lib.make_optimizer(oc, tr, vision_depth=v.depth),
-      freeze=freeze, unfreeze=unfreeze, load=load)
+      freeze=freeze, unfreeze=unfreeze)
   lr_fn = opt_lib.lr_schedule(float(oc.lr), int(oc.total_steps), int(oc.warmup_steps),
                               float(oc.get("min_lr_multi", 0.01)), oc.get("schedule", "cosine"))
   tok = text_lib.load_tokenizer(data.load.get("tokenizer", ""))
   tcfg = ml_collections.ConfigDict(dict(config.train.to_dict(), data_norm=data.get("norm", "imagenet"),
                                         mask_token_id=tok.mask_token_id, cls_token_id=tok.cls_token_id))
-  from internvideo2_jax.ops.losses import vtc_scale
   step_kw = dict(losses_fn=av_losses, names=AV_LOSSES, metrics_cls=AVMetrics) if audio else {}
   step_fn = make_step(train_model, tx, tcfg, groups=groups,
                       vtc_mult=vtc_scale(config.train.vtc_scale, groups), lr_fn=lr_fn, **step_kw)
-  ds = pipeline.make_pipeline(data, mcfg.vision, stage="stage2")
+  batch, nv = batch_shapes(config, mcfg)
+
+  def flops_per_step(host):
+    vis = int((~host["mask"][0]).sum()) if "mask" in host else int(np.prod(host["video"].shape[1:4])) // (
+        v.tubelet_size * v.patch_size ** 2)
+    return flops.stage2_train_flops(ml_collections.ConfigDict({"model": mcfg, "train": config.train}),
+                                    batch=len(host["video"]), frames=host["video"].shape[1],
+                                    visible_tokens=vis, text_len=host["text_ids"].shape[1])
+
+  def batch_flops(shapes, num_visible):
+    n = int(np.prod(shapes["video"].shape[2:4])) * shapes["video"].shape[1] // (v.tubelet_size * v.patch_size ** 2)
+    return flops.stage2_train_flops(ml_collections.ConfigDict({"model": mcfg, "train": config.train}),
+                                    batch=shapes["video"].shape[0], frames=shapes["video"].shape[1],
+                                    visible_tokens=num_visible or n, text_len=shapes["text_ids"].shape[1])
+
+  return loop.StepParts(rules=rules, init_fn=init_fn, abstract=abstract, tx=tx, trainable=trainable,
+                        step_fn=step_fn, batch=batch, num_visible=nv, flops_per_step=flops_per_step,
+                        batch_flops=batch_flops, extra={"mcfg": mcfg, "tokenizer": tok, "model_cls": model_cls})
+
+
+def run(config, workdir: str) -> dict:
+  """Stage-2 training job (main job of the README)."""
+  from internvideo2_jax.convert import bert as bert_conv
+  from internvideo2_jax.convert.io import load_state_dict
+  from internvideo2_jax.convert.official import vision_from_state_dict
+  from internvideo2_jax.data import pipeline
+  from internvideo2_jax.data.loader import LoadSpec
+  from internvideo2_jax.evaluate import retrieval
+  from internvideo2_jax.parallel import mesh as mesh_lib, sharding
+  from internvideo2_jax.train import loop, optimizer as opt_lib
+
+  distributed.make_dirs(workdir)
+  data = config.data
+  if data.get("synthetic_dir"):
+    _write_synthetic(config)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  parts = step_parts(config, mesh)
+  mcfg, tok, model_cls = parts.extra["mcfg"], parts.extra["tokenizer"], parts.extra["model_cls"]
+  audio = is_audio(config)
+  eval_model = model_cls(mcfg, deterministic=True)
+  v = mcfg.vision
+
+  def load(placer):
+    if config.model.text_init:
+      d = bert_conv.minilm_dir() if config.model.text_init == "minilm" else config.model.text_init
+      placer.put_tree(("text_encoder",), bert_conv.load_hf_bert(d, mcfg.text))
+      print(f"text tower initialised from {d}", flush=True)
+    if config.model.get("vision_init"):
+      sd = load_state_dict(config.model.vision_init)
+      placer.put_tree(("vision_encoder",), vision_from_state_dict(sd, mcfg.vision, strict=False)["params"])
+      print(f"vision tower initialised from {config.model.vision_init}", flush=True)
+
+  state = loop.materialize(parts, mesh, load=load)
+  ds = lambda start: pipeline.make_pipeline(data, mcfg.vision, stage="stage2", start_batch=start)  # noqa: E731
   print(f"model: vision {sum_params(state.params, 'vision_encoder'):,} + text "
-        f"{sum_params(state.params, 'text_encoder'):,} parameters; training {len(trainable)} of "
+        f"{sum_params(state.params, 'text_encoder'):,} parameters; training {len(parts.trainable)} of "
         f"{len(opt_lib.flatten(state.params))} tensors; mesh {dict(mesh.shape)}", flush=True)
 
   eval_fn = None
@@ -262,28 +332,22 @@ def run(config, workdir: str) -> dict:
       return evaluate(enc, rset, tokenizer=tok, max_txt_l=int(config.eval.max_txt_l),
                       k_test=int(config.eval.k_test))
 
-  def flops_per_step(host):
-    vis = int((~host["mask"][0]).sum()) if "mask" in host else int(np.prod(host["video"].shape[1:4])) // (
-        v.tubelet_size * v.patch_size ** 2)
-    return flops.stage2_train_flops(ml_collections.ConfigDict({"model": mcfg, "train": config.train}),
-                                    batch=len(host["video"]), frames=host["video"].shape[1],
-                                    visible_tokens=vis, text_len=host["text_ids"].shape[1])
-
   def finish(params, wd):
     from internvideo2_jax.convert.official import stage2_av_to_state_dict, stage2_to_state_dict
-    to_sd = stage2_av_to_state_dict if audio else stage2_to_state_dict
     from internvideo2_jax.convert.io import save_state_dict
-    path = os.path.join(wd, "export", "stage2_official_layout.safetensors")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_state_dict(to_sd(jax.tree.map(np.asarray, params), mcfg), path)
-    print(f"exported the weights in the official key layout: {path}", flush=True)
+    to_sd = stage2_av_to_state_dict if audio else stage2_to_state_dict
+    host = jax.tree.map(sharding.to_host, params)  # a collective: every process gathers
+    if jax.process_index() == 0:
+      path = os.path.join(wd, "export", "stage2_official_layout.safetensors")
+      save_state_dict(to_sd(host, mcfg), path)
+      print(f"exported the weights in the official key layout: {path}", flush=True)
 
-  setup = loop.Setup(mesh=mesh, rules=rules, state=state, tx=tx, step_fn=step_fn, data=ds,
-                     flops_per_step=flops_per_step, evaluate=eval_fn, finish=finish)
+  setup = loop.Setup(mesh=mesh, rules=parts.rules, state=state, tx=parts.tx, step_fn=parts.step_fn, data=ds,
+                     flops_per_step=parts.flops_per_step, evaluate=eval_fn, finish=finish)
   t0 = time.perf_counter()
   results = loop.train(config, workdir, setup)
   elapsed = time.perf_counter() - t0
-  if "match" in results or "text_to_audio" in results:
+  if jax.process_index() == 0 and ("match" in results or "text_to_audio" in results):
     print(f"\nheld-out retrieval after {results['step']} steps ({elapsed / 60:.1f} min):")
     print(retrieval.format_table(results))
     retrieval.save_json(results, os.path.join(workdir, "eval_results.json"))

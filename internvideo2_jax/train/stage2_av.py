@@ -24,11 +24,12 @@ def _matching(model, p, key, head, feat_m, feat_t, hidden, tmask, memory, sid, t
   n = hidden.shape[0]
   neg_t, neg_m = L.hard_negatives(key, jax.lax.stop_gradient(feat_m), jax.lax.stop_gradient(feat_t), sid,
                                   jax.lax.stop_gradient(temp), groups, valid)
-  text_h = jnp.concatenate([hidden, hidden, hidden[neg_t]])
-  text_m = jnp.concatenate([tmask, tmask, tmask[neg_t]])
-  mem = jnp.concatenate([memory, memory[neg_m], memory])
+  take = lambda x, i: L.take_in_groups(x, i, groups)  # noqa: E731 - local to each batch shard
+  text_h = jnp.concatenate([hidden, hidden, take(hidden, neg_t)])
+  text_m = jnp.concatenate([tmask, tmask, take(tmask, neg_t)])
+  mem = jnp.concatenate([memory, take(memory, neg_m), memory])
   logits = model.apply(p, head, text_h, text_m, mem, method=Stage2AVModel.match_logits, rngs=rngs)
-  w = jnp.concatenate([valid, valid & valid[neg_m], valid & valid[neg_t]]).astype(jnp.float32)
+  w = jnp.concatenate([valid, valid & take(valid, neg_m), valid & take(valid, neg_t)]).astype(jnp.float32)
   return L.cross_entropy(logits, L.itm_labels(n), w)
 
 

@@ -1,0 +1,115 @@
+"""Multi-host start: `jax.distributed.initialize` once, in `main`, before any device use.
+
+Where the settings come from, first match wins:
+1. explicit: `distributed.coordinator_address` (+ `num_processes`, `process_id`,
+   `local_device_ids`) in the config, or the env vars IV2_COORDINATOR_ADDRESS,
+   IV2_NUM_PROCESSES, IV2_PROCESS_ID, IV2_LOCAL_DEVICE_IDS (what launchers and tests set);
+2. `mode="auto"` (default): a cluster that jax recognises and that runs more than one process:
+   a SLURM step (srun with several tasks: coordinator from the node list), a multi-worker
+   Cloud TPU VM slice, Open MPI, Kubernetes; a single process starts nothing;
+3. `mode="off"`: never initialise (each process is its own job).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+_ENV = {"coordinator_address": "IV2_COORDINATOR_ADDRESS", "num_processes": "IV2_NUM_PROCESSES",
+        "process_id": "IV2_PROCESS_ID", "local_device_ids": "IV2_LOCAL_DEVICE_IDS"}
+
+
+def _explicit(cfg) -> dict:
+  out = {}
+  for key, env in _ENV.items():
+    value = cfg.get(key) if cfg is not None else None
+    if value in (None, "") or (key, value) in (("num_processes", 0), ("process_id", -1)):
+      value = os.environ.get(env, "")  # unset in the config
+    if value not in ("", None):
+      out[key] = value
+  if not out.get("coordinator_address"):
+    return {}
+  missing = [k for k in ("num_processes", "process_id") if k not in out]
+  if missing:
+    raise ValueError(f"distributed.coordinator_address={out['coordinator_address']!r} also needs "
+                     f"{' and '.join('distributed.' + m for m in missing)} (or env "
+                     f"{', '.join(_ENV[m] for m in missing)})")
+  out["num_processes"], out["process_id"] = int(out["num_processes"]), int(out["process_id"])
+  if not 0 <= out["process_id"] < out["num_processes"]:
+    raise ValueError(f"distributed.process_id={out['process_id']} is not in [0, {out['num_processes']})")
+  ids = out.get("local_device_ids")
+  if isinstance(ids, str):
+    out["local_device_ids"] = [int(x) for x in ids.split(",") if x.strip()]
+  return out
+
+
+def _detected_cluster():
+  """The jax cluster environment present here with more than one process, or None."""
+  try:
+    from jax._src import clusters  # jax's own SLURM / TPU-pod / MPI / k8s detection
+    for env in clusters.ClusterEnv._cluster_types:
+      if getattr(env, "opt_in_only_method", False) or not env.is_env_present():
+        continue
+      if env.get_process_count() > 1:
+        return env
+  except Exception as e:  # noqa: BLE001 - detection is best effort; say why it was skipped
+    log.warning("multi-host detection skipped: %s: %s", type(e).__name__, e)
+  return None
+
+
+def initialize(cfg=None) -> str:
+  """Initialises the distributed runtime if this is a multi-process run; returns a description."""
+  mode = (cfg.get("mode", "auto") if cfg is not None else "auto") or "auto"
+  if mode not in ("auto", "off"):
+    raise ValueError(f"distributed.mode={mode!r}: 'auto' or 'off' (explicit settings work in both)")
+  if jax.distributed.is_initialized():
+    return f"process {jax.process_index()} of {jax.process_count()} (already initialised)"
+  kwargs = _explicit(cfg)
+  timeout = int(cfg.get("timeout_s", 300)) if cfg is not None else 300
+  if kwargs:
+    jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
+    how = f"coordinator {kwargs['coordinator_address']}"
+  elif mode == "auto" and (env := _detected_cluster()) is not None:
+    jax.distributed.initialize(initialization_timeout=timeout)
+    how = f"{env.__name__} detected"
+  else:
+    return "single process"
+  return (f"process {jax.process_index()} of {jax.process_count()} ({how}); "
+          f"{jax.local_device_count()} local of {jax.device_count()} devices")
+
+
+def is_main() -> bool:
+  """True on the process that writes logs, metrics, exports and result files."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Every process waits here (e.g. until process 0 has written a file the others read)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """True if `flag` is True on any process, the same answer everywhere (a tiny collective: every
+  process must call it at the same point). Lets all hosts stop at one step after a signal
+  that reached only some of them."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+
+
+def make_dirs(path: str) -> None:
+  """Creates a directory (local or gs://...) once, on process 0."""
+  if is_main():
+    from etils import epath
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+__all__ = ["initialize", "is_main", "sync", "any_process", "make_dirs"]

@@ -1,0 +1,143 @@
+"""Multi-host: 2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives) train
+tiny stage 1 and stage 2 with FSDP across the processes, are stopped (SIGTERM reaching both),
+and resume on 1 process x 8 devices, and the reverse: every path ends with the parameters,
+export and evaluation of an uninterrupted single-process run."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("IV2_")}
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONUNBUFFERED="1", **extra)
+  return env
+
+
+def _cmd(args, workdir):
+  return [sys.executable, "-m", "internvideo2_jax.main", *args, f"--workdir={workdir}"]
+
+
+def run_1x8(args, workdir):
+  res = subprocess.run(_cmd(args, workdir), cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  return res.stdout
+
+
+def start_2x4(args, workdir):
+  port = _port()
+  return [subprocess.Popen(_cmd(args, workdir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=_env(4, IV2_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                               IV2_NUM_PROCESSES="2", IV2_PROCESS_ID=str(i)))
+          for i in range(2)]
+
+
+def finish(procs, timeout=900):
+  outs = []
+  for p in procs:
+    out, _ = p.communicate(timeout=timeout)
+    outs.append(out)
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
+
+
+def same_export(a, b, name):
+  x, y = load_file(str(a / "export" / name)), load_file(str(b / "export" / name))
+  assert set(x) == set(y)
+  for k in x:
+    np.testing.assert_allclose(x[k], y[k], atol=2e-5, rtol=1e-5, err_msg=k)
+
+
+def copy_checkpoint(src, dst, step):
+  """A run directory holding only `src`'s checkpoint of `step` (as if it had stopped there)."""
+  (dst / "checkpoints").mkdir(parents=True)
+  shutil.copytree(src / "checkpoints" / str(step), dst / "checkpoints" / str(step))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  from internvideo2_jax.data import synthetic
+  root = tmp_path_factory.mktemp("syn")
+  synthetic.write_corpus(str(root), train=24, val=8, size=32, num_frames=32)
+  return root
+
+
+def test_stage2_two_hosts_sigterm_resume_and_reverse(corpus, tmp_path):
+  args = ["--config=configs/stage2.py:size=tiny", "--config.mesh.data=1", "--config.mesh.fsdp=8",
+          f"--config.data.corpora=({{'format': 'json', 'path': '{corpus}/train.json', 'data_root': '{corpus}'}},)",
+          f"--config.eval.corpus.path={corpus}/val.json", f"--config.eval.corpus.data_root={corpus}",
+          "--config.train.total_steps=6", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+          "--config.train.keep_checkpoints=3"]
+  ref = tmp_path / "ref"
+  out = run_1x8(args, ref)
+  assert "held-out retrieval after 6 steps" in out
+
+  # 2 hosts, SIGTERM to both once training is under way: they agree on one step and save it
+  a = tmp_path / "a"
+  procs = start_2x4(args, a)
+  lines, deadline = [], time.time() + 600
+  for line in procs[0].stdout:
+    lines.append(line)
+    if line.startswith("[1/6") or time.time() > deadline:
+      for p in procs:
+        p.send_signal(signal.SIGTERM)
+      break
+  outs = finish(procs)
+  out0 = "".join(lines) + outs[0]
+  assert "multi-host: process 0 of 2" in out0 and "exiting after SIGTERM" in out0, out0[-3000:]
+  assert not re.search(r"^\[\s*\d+/6", outs[1], re.M)  # process 1 prints no metrics (process 0 does)
+  stopped = int(out0.split("saved step ")[1].split()[0])
+  assert 1 <= stopped < 6
+  records = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # one writer
+  assert records[0]["train/samples_per_s"] > 0
+  # ... and 1 host finishes the run
+  out = run_1x8(args, a)
+  assert f"at step {stopped} on 1 process(es)" in out
+  same_export(ref, a, "stage2_official_layout.safetensors")
+
+  # the reverse: a 1-host checkpoint (step 2) finished by 2 hosts, evaluation gathered
+  b = tmp_path / "b"
+  copy_checkpoint(ref, b, 2)
+  outs = finish(start_2x4(args, b))
+  assert "at step 2 on 2 process(es)" in outs[0]
+  same_export(ref, b, "stage2_official_layout.safetensors")
+  want = json.loads((ref / "eval_results.json").read_text())
+  got = json.loads((b / "eval_results.json").read_text())
+  for scores in ("itc", "match"):
+    for k, v in want[scores].items():
+      assert abs(got[scores][k] - v) < 1e-6, (scores, k)
+
+
+def test_stage1_two_hosts_resume_a_one_host_checkpoint(corpus, tmp_path):
+  args = ["--config=configs/stage1.py:size=tiny", "--config.mesh.data=1", "--config.mesh.fsdp=8",
+          f"--config.data.corpora=({{'format': 'csv', 'path': '{corpus}/train_stage1.csv', 'data_root': '{corpus}'}},)",
+          f"--config.data.synthetic_dir={corpus}", "--config.data.batch_size=8", "--config.train.total_steps=4", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=2"]
+  ref = tmp_path / "ref"
+  run_1x8(args, ref)
+  b = tmp_path / "b"
+  copy_checkpoint(ref, b, 2)
+  outs = finish(start_2x4(args, b))
+  assert "at step 2 on 2 process(es)" in outs[0]
+  same_export(ref, b, "stage1_official_layout.safetensors")
