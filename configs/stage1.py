@@ -72,7 +72,10 @@ def get_config(arg=None):
     t.total_steps = 100000
     t.targets_dtype = "bfloat16"
     base_lr = 1.5e-4
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    # FSDP over 8 (1B: width 1408) or 64 chips (6B: width 3200, teachers 3200 / 1408), data
+    # parallel over the rest: 64 divides the widths and maps onto v5p 4x4x8 / 4x8x8 and v6e
+    # 16x16 (fsdp over all 256 chips would not divide 3200). 32 chips: --config.mesh.fsdp=32.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 8 if size == "1B" else 64, "tensor": 1})
   if a.batch:
     d.batch_size = a.batch
   if a.steps:

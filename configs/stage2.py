@@ -147,8 +147,11 @@ def get_config(arg=None):
     m.text = text_preset("bert-large", dtype="bfloat16", remat_policy="full")
     m.embed_dim = 512 if size != "6B" else 768
     d.batch_size = 64 * 64 if size != "6B" else 64 * 256
-    if size == "6B":
-      c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    if size in ("1B", "6B"):
+      # FSDP over 8 (1B) or 64 chips (6B), data parallel over the rest: 64 divides the 6B's
+      # 3200 width and maps onto v5p 4x4x8 / 4x8x8 and v6e 16x16 (fsdp over all 256 chips does
+      # not divide 3200). Fewer chips: e.g. --config.mesh.fsdp=32 on 32.
+      c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 8 if size == "1B" else 64, "tensor": 1})
   if a.av:
     # Audio-visual stage 2 (the 6B recipe): BEATs tower (frozen), [audio; video] fusion memory,
     # the `avs_captions` field, official loss weights.

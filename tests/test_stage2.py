@@ -188,3 +188,48 @@ def test_gradient_accumulation_applies_every_k_steps():
   np.testing.assert_array_equal(st1.params["a"]["kernel"], 1.0)  # first micro-batch: no update
   st2 = S.apply_gradients(st1, tx, g, ok=jnp.asarray(True))
   assert (np.asarray(st2.params["a"]["kernel"]) < 1.0).all()     # second: the averaged update
+
+
+def test_vtm_negatives_gather_within_each_batch_shard():
+  """Per-group hard negatives on 8 devices give the loss of the one-device computation with the
+  former global gather, and the compiled step has no all-gather of the video memory (which for
+  the 6B at 16k clips meant 20-GiB buffers on every chip)."""
+  from internvideo2_jax.train.stage2 import stage2_losses
+  cfg, model, _, _ = _tiny_stage2()
+  rng = np.random.default_rng(0)
+  n, groups = 16, 8
+  batch = {"video": rng.integers(0, 255, (n, 4, 32, 32, 3)).astype(np.uint8),
+           "text_ids": rng.integers(1000, 2000, (n, 6)).astype(np.int32),
+           "text_mask": np.ones((n, 6), np.int32), "sample_id": np.arange(n, dtype=np.int32)}
+  params = nn.unbox(model.init(jax.random.key(0), jnp.ones((1, 4, 32, 32, 3)), batch["text_ids"][:1],
+                               batch["text_mask"][:1]))["params"]
+  tcfg = ml_collections.ConfigDict({"loss": {"vtc": 1.0, "vtm": 1.0, "mlm": 0.0}, "data_norm": "imagenet"})
+  det = Stage2Model(cfg, deterministic=True)
+
+  def vtm(params, batch):
+    return stage2_losses(det, params, batch, jax.random.key(1), tcfg, num_visible=None, groups=groups,
+                         vtc_mult=1.0)["vtm"]
+
+  one = float(jax.jit(vtm)(params, batch))
+  # the former gather, x[global index], on one device gives the same value
+  orig = L.take_in_groups
+  try:
+    L.take_in_groups = lambda x, i, g: x[i + jnp.repeat(jnp.arange(g) * (x.shape[0] // g), x.shape[0] // g)]
+    assert float(jax.jit(vtm)(params, batch)) == pytest.approx(one, rel=1e-6)
+  finally:
+    L.take_in_groups = orig
+  mesh = M.make_mesh({"data": 8})
+  placed = {k: jax.device_put(v, NamedSharding(mesh, P("data"))) for k, v in batch.items()}
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(vtm).lower(params, placed).compile()
+  assert float(compiled(params, placed)) == pytest.approx(one, rel=1e-5)
+  memory = f"f32[{n},{1 + 4 * 16},64]"  # (clips, 1 + tokens, width) of the tiny encoder
+  hlo = compiled.as_text()
+  assert f"f32[{n // 8},{1 + 4 * 16},64]" in hlo  # each device holds its 2 clips' memory ...
+  gathers = [ln for ln in hlo.splitlines() if memory in ln]
+  assert not gathers, gathers[:2]  # ... and no op ever holds the whole batch's
+  # control: the global gather of the sharded batch does all-gather the memory
+  x = jax.device_put(jnp.ones((n, 1 + 4 * 16, 64)), NamedSharding(mesh, P("data")))
+  idx = jax.device_put(jnp.arange(n)[::-1], NamedSharding(mesh, P("data")))
+  glob = jax.jit(lambda x, i: x[i] * 2).lower(x, idx).compile().as_text()
+  assert any("all-gather" in ln and memory in ln for ln in glob.splitlines())

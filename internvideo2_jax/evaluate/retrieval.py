@@ -25,7 +25,7 @@ from internvideo2_jax.data.loader import LoadSpec, SkipExample, load_example
 from internvideo2_jax.data.transforms import normalize
 from internvideo2_jax.models.stage2 import Stage2Model
 from internvideo2_jax.ops.losses import l2_normalize
-from internvideo2_jax.parallel import sharding
+from internvideo2_jax.parallel import distributed, sharding
 from internvideo2_jax.parallel.mesh import batch_sharding
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,15 @@ class Encoder:
     self._text = jax.jit(lambda p, i, m: model.apply(p, i, m, method=Stage2Model.encode_text))
     self._itm = jax.jit(lambda p, h, m, mem: model.apply(p, h, m, mem, method=Stage2Model.itm_logits)[:, 1])
 
+  _compiled: dict = None
+
   def _batches(self, n):
     for s in range(0, n, self.batch):
       yield s, min(s + self.batch, n)
 
   def _run(self, fn, arrays):
+    if self._compiled is None:
+      self._compiled = {}
     n = len(arrays[0])
     outs = []
     for s, e in self._batches(n):
@@ -136,7 +140,10 @@ class Encoder:
       # Every process holds the whole evaluation set; each transfers only its devices' rows,
       # and the results are gathered back (process_allgather) so all processes score alike.
       placed = [sharding.global_from_host(c, batch_sharding(self.mesh, c.ndim)) for c in chunk]
-      res = fn(self.params, *placed)
+      key = (id(fn), tuple(c.shape for c in chunk))
+      if key not in self._compiled:  # compiled on every host before any runs it (multi-host)
+        self._compiled[key] = distributed.compiled(fn, self.params, *placed)
+      res = self._compiled[key](self.params, *placed)
       res = res if isinstance(res, tuple) else (res,)
       outs.append([sharding.to_host(r)[: e - s] for r in res])
     return [np.concatenate(parts) for parts in zip(*outs)]

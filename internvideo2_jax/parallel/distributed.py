@@ -87,11 +87,31 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-  """Every process waits here (e.g. until process 0 has written a file the others read)."""
-  if jax.process_count() > 1:
+_barriers: dict = {}
+
+
+def sync(name: str, timeout_s: int = 3600) -> None:
+  """Every process waits here (e.g. until process 0 has written a file the others read, or until
+  all have compiled a program: the first collective of a program must not start while another
+  host is still compiling, as CPU collectives give up after 30 s). Uses the coordination
+  service's barrier, which involves no device."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the barrier jax's own serialization uses
+  client = jax_distributed.global_state.client
+  n = _barriers[name] = _barriers.get(name, 0) + 1
+  if client is None:  # not started by jax.distributed (e.g. an external runtime)
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+    multihost_utils.sync_global_devices(f"{name}/{n}")
+    return
+  client.wait_at_barrier(f"iv2/{name}/{n}", timeout_in_ms=timeout_s * 1000)
+
+
+def compiled(jitted, *args):
+  """`jitted` compiled for `args` (ahead of time) once every process has compiled it too."""
+  exe = jitted.lower(*args).compile()
+  sync("compiled")
+  return exe
 
 
 def any_process(flag: bool) -> bool:
@@ -112,4 +132,4 @@ def make_dirs(path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-__all__ = ["initialize", "is_main", "sync", "any_process", "make_dirs"]
+__all__ = ["initialize", "is_main", "sync", "compiled", "any_process", "make_dirs"]

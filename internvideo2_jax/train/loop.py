@@ -152,7 +152,9 @@ def compile_step(step_fn, state, batch, rng, mesh, rules, state_sh, batch_sh, nu
                    in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jitted.lower(state, batch, rng).compile()
+    exe = jitted.lower(state, batch, rng).compile()
+  distributed.sync("step compiled")  # no host starts the step's collectives before the others
+  return exe
 
 
 def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time):
