@@ -27,7 +27,11 @@ class MetricWriter:
     if not enabled:
       return
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    self._jsonl = epath.Path(self.jsonl_path).open("a")
+    try:
+      self._jsonl = epath.Path(self.jsonl_path).open("a")
+    except (OSError, ValueError, NotImplementedError):  # object stores cannot append: one file per start
+      self.jsonl_path = os.path.join(workdir, f"metrics.{int(time.time())}.jsonl")
+      self._jsonl = epath.Path(self.jsonl_path).open("w")
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(self.tb_dir)

@@ -304,7 +304,8 @@ def run(config, workdir: str) -> dict:
       print(f"text tower initialised from {d}", flush=True)
     if config.model.get("vision_init"):
       sd = load_state_dict(config.model.vision_init)
-      placer.put_tree(("vision_encoder",), vision_from_state_dict(sd, mcfg.vision, strict=False)["params"])
+      vision_from_state_dict(sd, mcfg.vision, strict=False,  # leaf by leaf into the shards
+                             sink=lambda path, value: placer.put(("vision_encoder",) + tuple(path), value))
       print(f"vision tower initialised from {config.model.vision_init}", flush=True)
 
   state = loop.materialize(parts, mesh, load=load)
