@@ -59,8 +59,8 @@ def finish(procs, timeout=900):
   for p in procs:
     out, _ = p.communicate(timeout=timeout)
     outs.append(out)
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}\nthe other:\n{outs[1 - i][-2000:]}"
   return outs
 
 

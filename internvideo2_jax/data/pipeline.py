@@ -15,8 +15,8 @@
 * Bad records never stop a run: `RobustLoad` replaces an unusable example with another
   (deterministically), counts the reason in the batch's `skipped` vector and logs each path once.
 * Corpora of different media (video / image) keep fixed batch shapes by mixing whole batches
-  (as the official MetaLoader alternates loaders): each batch comes from one corpus, chosen by
-  (seed, batch index) with the corpus weights.
+  (as the official MetaLoader alternates loaders): each batch comes from one corpus, in a fixed
+  weighted round robin (`BatchMixture`).
 
 BATCH_SPEC below is the one place that lists batch keys and shapes.
 """
@@ -169,19 +169,22 @@ class ProcessBlocks(grain.MapDataset):
 
 
 class BatchMixture(grain.MapDataset):
-  """Batch s comes from corpus c_s, drawn from (seed, s) with the weights; it is that corpus's
-  k-th batch, k = how often c_s was drawn before s. Random access, so resumable by position."""
+  """Batch s comes from corpus c_s, chosen by smooth weighted round robin (the corpus furthest
+  behind its share so far), so every prefix of the stream follows the weights as closely as
+  possible (3:1 gives 6 of every 8); it is that corpus's k-th batch, k = how often c_s was chosen
+  before s. Random access, so a run resumes by position."""
 
   _BLOCK = 4096
 
-  def __init__(self, parents: list, weights: list[float], seed: int):
+  def __init__(self, parents: list, weights: list[float]):
     super().__init__(parents)
     w = np.asarray(weights, np.float64)
     if (w <= 0).any():
       raise ValueError(f"corpus weights must be positive, got {weights}")
-    self._w, self._seed = w / w.sum(), seed
-    self._choice = np.zeros(0, np.int64)
-    self._rank = np.zeros(0, np.int64)
+    self._w = w / w.sum()
+    self._counts = np.zeros(len(w), np.int64)
+    self._choice: list[int] = []
+    self._rank: list[int] = []
 
   def __len__(self):
     return sys.maxsize  # training streams repeat forever
@@ -191,24 +194,18 @@ class BatchMixture(grain.MapDataset):
 
   def _extend(self, n: int) -> None:
     while len(self._choice) < n:
-      block = len(self._choice) // self._BLOCK
-      rng = np.random.default_rng([self._seed, block])
-      new = rng.choice(len(self._w), size=self._BLOCK, p=self._w)
-      counts = np.zeros(len(self._w), np.int64)
-      if len(self._choice):
-        counts = np.bincount(self._choice, minlength=len(self._w))
-      rank = np.empty(self._BLOCK, np.int64)
-      for i, c in enumerate(new):
-        rank[i] = counts[c]
-        counts[c] += 1
-      self._choice = np.concatenate([self._choice, new])
-      self._rank = np.concatenate([self._rank, rank])
+      for _ in range(self._BLOCK):
+        s = len(self._choice)
+        c = int(np.argmax(self._w * (s + 1) - self._counts))
+        self._choice.append(c)
+        self._rank.append(int(self._counts[c]))
+        self._counts[c] += 1
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
     self._extend(index + 1)
-    return self._parents[int(self._choice[index])][int(self._rank[index])]
+    return self._parents[self._choice[index]][self._rank[index]]
 
 
 def corpus_dataset(records, spec: LoadSpec, *, seed: int, num_epochs: Optional[int],
@@ -271,11 +268,11 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
                            prefetch_buffer_size=int(data_cfg.get("read_prefetch", 2)))
   if len(parts) == 1:
     ds = parts[0][start_batch:].to_iter_dataset(read)
-  elif train:
-    ds = BatchMixture(parts, weights, seed)[start_batch:].to_iter_dataset(read)
-  else:  # finite evaluation streams: grain's mixture (no resume needed)
+  elif epochs is None:  # endless training streams
+    ds = BatchMixture(parts, weights)[start_batch:].to_iter_dataset(read)
+  else:  # finite streams (evaluation, a fixed number of epochs): grain's mixture, no resume
     if start_batch:
-      raise ValueError("start_batch is only supported for training pipelines")
+      raise ValueError("start_batch needs an endless stream (num_epochs=None) when corpora are mixed")
     ds = grain.IterDataset.mix([p.to_iter_dataset(read) for p in parts], weights)
   workers = int(data_cfg.get("num_workers", 0))
   if workers > 0:

@@ -168,7 +168,7 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
   t_log, n_log, flops_log, log_start = time.perf_counter(), 0, 0.0, start
   procs = jax.process_count()
   with _Preempted() as pre:
-    step = start
+    step = saved = start
     stop = False
     while step < min(total, stop_at) and not stop:
       host = next(it)
@@ -194,11 +194,13 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
         results = _evaluate(setup, state, writer, step)
         t_log, n_log, flops_log, log_start = time.perf_counter(), 0, 0.0, step
         acc = None
-      if ckpt_every and step % ckpt_every == 0:
-        ckpt.save(step, state, cfg)
+      if ckpt_every and step % ckpt_every == 0 and ckpt.save(step, state, cfg):
+        saved = step
       stop = distributed.any_process(pre.flag)  # every host stops after the same step
     ckpt.wait()
-    if ckpt.latest_step() != step:
+    # Decided from what this loop saved, identically on every host (the directory may not yet
+    # show another host's finalised step: a save only some hosts join would hang them all).
+    if saved != step:
       ckpt.save(step, state, cfg, force=True)
       ckpt.wait()
     if stop or step < total:
