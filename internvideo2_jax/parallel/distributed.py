@@ -122,6 +122,8 @@ def any_process(flag: bool) -> bool:
     return bool(flag)
   import numpy as np
   from jax.experimental import multihost_utils
+  if "any_process" not in _barriers:  # the first call compiles: let every host get here first
+    sync("any_process")
   return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
 
 

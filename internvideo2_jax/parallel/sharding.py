@@ -215,6 +215,8 @@ def to_host(x) -> np.ndarray:
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(x)
   from jax.experimental import multihost_utils
+  from internvideo2_jax.parallel import distributed
+  distributed.sync("gather")  # all hosts arrive before the gather (CPU collectives wait 30 s only)
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
