@@ -81,36 +81,10 @@ def _to_numpy(value):
   return np.asarray(value)
 
 
-class LazyStateDict(Mapping):
-  """The tensors of a .safetensors file, each read when it is accessed: converting a checkpoint
-  tensor by tensor never holds the whole file in host memory."""
-
-  def __init__(self, path: str):
-    from safetensors import safe_open
-    self.path = path
-    self._file = safe_open(path, framework="numpy")
-    self._keys = [k for k in self._file.keys() if not k.endswith("position_ids")]
-    self._keyset = set(self._keys)
-
-  def __getitem__(self, key: str) -> np.ndarray:
-    if key not in self._keyset:
-      raise KeyError(key)
-    return self._file.get_tensor(key)
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._keys)
-
-  def __len__(self) -> int:
-    return len(self._keys)
-
-  def __contains__(self, key) -> bool:
-    return key in self._keyset
-
-
 class RenamedView(Mapping):
   """A lazy view of a state dict under other key names ({new name: old name})."""
 
-  def __init__(self, base: Mapping, names: Mapping[str, str]):
+  def __init__(self, base, names: Mapping[str, str]):
     self._base, self._names = base, dict(names)
 
   def __getitem__(self, key: str):
@@ -124,6 +98,25 @@ class RenamedView(Mapping):
 
   def __contains__(self, key) -> bool:
     return key in self._names
+
+
+class _SafetensorsReader:
+  def __init__(self, path: str):
+    from safetensors import safe_open
+    self.file = safe_open(path, framework="numpy")
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self.file.get_tensor(key)
+
+
+class LazyStateDict(RenamedView):
+  """The tensors of a .safetensors file, each read when it is accessed: converting a checkpoint
+  tensor by tensor never holds the whole file in host memory."""
+
+  def __init__(self, path: str):
+    self.path = path
+    reader = _SafetensorsReader(path)
+    super().__init__(reader, {k: k for k in reader.file.keys() if not k.endswith("position_ids")})
 
 
 def load_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
