@@ -63,6 +63,7 @@ def add_runtime(c: ml_collections.ConfigDict, *, step: str = "") -> ml_collectio
   c.compile = ml_collections.ConfigDict({
       "step": step,
       "topology": "",            # e.g. "v5p:4x8x8" (libtpu topology; no TPU needed)
+      "num_slices": 1,           # multislice: that many copies of the topology joined by DCN
       "devices": 0,              # or N fake CPU devices
       "hbm_gib": 0.0,            # per-chip memory to check against (0: from the chip kind)
       "libtpu": "",              # path of libtpu.so (default: installed libtpu or .venv/libtpu)

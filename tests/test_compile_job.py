@@ -39,6 +39,26 @@ def test_tiny_stage2_step_compiles_for_a_v5p_topology(tmp_path):
     C.compile_config(cfg)
 
 
+def test_meshes_follow_the_torus_and_the_slices(caplog):
+  """Pod meshes map onto the physical topology: a 64-wide fsdp axis on the 16x16 v6e torus is a
+  16 x 4 block of neighbours (split physical axes, no device-order fallback); on two slices
+  only the data axis crosses between them."""
+  _libtpu()
+  torus = C.topology_devices("v6e:16x16")
+  with caplog.at_level("WARNING"):
+    mesh = M.make_mesh({"data": -1, "fsdp": 64}, torus)
+  assert "does not map" not in caplog.text and dict(mesh.shape) == {"data": 4, "fsdp": 64, "tensor": 1}
+  block = {tuple(d.coords[:2]) for d in mesh.devices[0, :, 0]}
+  xs, ys = sorted({c[0] for c in block}), sorted({c[1] for c in block})
+  assert len(block) == 64 and len(xs) * len(ys) == 64 and max(xs) - min(xs) + 1 == len(xs)
+  sliced = C.topology_devices("v5p:2x2x2", num_slices=2)
+  mesh = M.make_mesh({"data": -1, "fsdp": 8}, sliced)
+  assert {d.slice_index for d in mesh.devices[0].flat} == {0}
+  assert {d.slice_index for d in mesh.devices[:, 0, 0]} == {0, 1}
+  with pytest.raises(ValueError, match="mesh.data=1 must be a multiple of the slice count"):
+    M.make_mesh({"data": 1, "fsdp": 16}, sliced)
+
+
 def test_compile_needs_a_training_step():
   from configs import features
   cfg = features.get_config()

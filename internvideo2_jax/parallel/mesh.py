@@ -38,15 +38,53 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
+def _slices(devices: Sequence[jax.Device]) -> int:
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def physical_layout(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
+  """Devices arranged for `shape` along the physical topology, best layout first.
+
+  1. jax.make_mesh: each mesh axis on whole torus axes / NVLink domains.
+  2. several TPU slices (multislice, DCN between them): the data axis spans the slices
+     (only data-parallel gradients cross the slow links), each slice laid out as in 1/3.
+  3. split physical axes (e.g. fsdp=64 on a 16x16 v6e torus as 16 x 4 rows): still
+     neighbours on the torus, unlike the device order.
+  Raises ValueError when none applies; the caller falls back to the device order.
+  """
+  from jax.experimental import mesh_utils
+  n_slices = _slices(devices)
+  if n_slices > 1:
+    data = MESH_AXES.index("data")
+    if shape[data] % n_slices:
+      raise ValueError(f"{n_slices} TPU slices: mesh.data={shape[data]} must be a multiple of the "
+                       f"slice count so that only the data axis crosses the slow links between slices")
+    dcn = tuple(n_slices if i == data else 1 for i in range(len(shape)))
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  errors = []
+  try:
+    return jax.make_mesh(shape, MESH_AXES, devices=devices).devices
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    errors.append(str(e))
+  try:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    errors.append(str(e))
+  raise ValueError("; ".join(errors))
+
+
 def make_mesh(sizes: Optional[Mapping[str, int]] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A mesh with Auto axis types (GSPMD propagation + logical rules), default all-data."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(dict(sizes or {"data": -1}), len(devices))
   types = (AxisType.Auto,) * len(MESH_AXES)
-  try:  # laid out along the physical torus / NVLink domains where jax knows them
-    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+  try:
+    return Mesh(physical_layout(shape, devices), MESH_AXES, axis_types=types)
   except (ValueError, NotImplementedError, AssertionError) as e:
+    if _slices(devices) > 1:
+      raise
     log.warning("mesh %s does not map onto the %d-device topology (%s); using the plain device "
                 "order, whose collectives may cross slow links. Sizes that divide the torus "
                 "axes map well (e.g. fsdp=64 on 4x8x8).", dict(zip(MESH_AXES, shape)), len(devices), e)

@@ -51,13 +51,15 @@ def find_libtpu(explicit: str = "") -> str:
                           "TPU_LIBRARY_PATH to a libtpu.so")
 
 
-def topology_devices(name: str, libtpu_path: str = ""):
-  """The devices of a named TPU topology such as 'v5p:4x8x8' or 'v6e:16x16' (no TPU needed)."""
+def topology_devices(name: str, libtpu_path: str = "", num_slices: int = 1):
+  """The devices of a named TPU topology such as 'v5p:4x8x8' or 'v6e:16x16' (no TPU needed);
+  num_slices > 1: a multislice job of that many such slices."""
   os.environ["TPU_LIBRARY_PATH"] = find_libtpu(libtpu_path)
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: no chip is opened
   from jax.experimental import topologies
   try:
-    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    extra = {"num_slices": int(num_slices)} if int(num_slices) > 1 else {}
+    return topologies.get_topology_desc(topology_name=name, platform="tpu", **extra).devices
   except Exception as e:  # noqa: BLE001 - libtpu's message, with the name we were given
     raise ValueError(f"compile.topology={name!r}: libtpu cannot build it ({type(e).__name__}: {e}); "
                      "names look like v5p:4x4x8 (v5p-256 = 128 chips), v5p:4x8x8 (v5p-512), "
@@ -72,7 +74,9 @@ def compile_config(config) -> dict:
     raise ValueError(f"compile.step={step!r}: this config has no training step to compile "
                      f"(one of {sorted(STEP_MODULES)})")
   if cc.get("topology"):
-    devices, target = topology_devices(cc.topology, cc.get("libtpu", "")), cc.topology
+    slices = int(cc.get("num_slices", 1))
+    devices = topology_devices(cc.topology, cc.get("libtpu", ""), slices)
+    target = cc.topology + (f" x {slices} slices" if slices > 1 else "")
   else:
     devices, target = jax.devices(), f"{jax.device_count()} {jax.devices()[0].platform} devices"
   mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=devices)
@@ -151,6 +155,8 @@ def run(config, workdir: str) -> dict:
   print(format_report(res), flush=True)
   from etils import epath
   name = (config.compile.get("topology") or f"{res['chips']}dev").replace(":", "_")
+  if int(config.compile.get("num_slices", 1)) > 1:
+    name += f"_x{int(config.compile.num_slices)}"
   path = epath.Path(workdir) / f"compile_{name}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(res, indent=2))
