@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import stage1 as stage1_config
+from streaming import assert_streams
 from internvideo2_jax.convert.official import vision_to_state_dict
 from internvideo2_jax.convert import teachers as TC
 from internvideo2_jax.models import teachers as T
@@ -59,6 +60,7 @@ def test_teacher_converters_from_official_layouts():
   sd = {f"vision_model.{k}": v for k, v in vision_to_state_dict(params["encoder"], cfg).items()}
   sd["vision_model.patch_embed.proj.weight"] = sd["vision_model.patch_embed.proj.weight"][:, :, 0]  # 2-D conv
   jax.tree.map(np.testing.assert_array_equal, TC.clip_teacher_from_state_dict(sd, cfg), params)
+  assert_streams(lambda src, sink: TC.clip_teacher_from_state_dict(src, cfg, sink=sink), sd, params)
 
   mc = T.mae_teacher_preset("tiny", return_layers=2)
   d, h, depth, mlp = 40, 4, 3, 80
@@ -77,6 +79,7 @@ def test_teacher_converters_from_official_layouts():
   p = TC.mae_teacher_from_state_dict(sd, mc)
   np.testing.assert_array_equal(p["blocks"]["qkv"]["kernel"][1, :, 2, 3], sd["blocks.1.attn.qkv.weight"][2 * d + 30:2 * d + 40].T)
   np.testing.assert_array_equal(p["blocks"]["v_bias"][2].reshape(-1), sd["blocks.2.attn.v_bias"])
+  assert_streams(lambda src, sink: TC.mae_teacher_from_state_dict(src, mc, sink=sink), sd, p)
   out = T.MAETeacher(mc).apply({"params": p}, jnp.ones((1, 8, 32, 32, 3)))
   assert out["tokens"].shape == (2, 1, 64, 40)
   del sd["norm.bias"]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from streaming import assert_streams
 
 from internvideo2_jax.convert import bert as B
 from internvideo2_jax.convert.io import CheckpointError
@@ -35,6 +36,15 @@ def test_matches_transformers_bert_golden():
   cfg4, model4, params4 = _minilm(fusion_layer=4)
   out4 = model4.apply({"params": params4}, g["input_ids"], g["attention_mask"], method=TextEncoder.encode_text)
   np.testing.assert_allclose(np.asarray(out4)[real], g["hidden_layer_4"][real], atol=2e-4, rtol=1e-4)
+  # the training path: no base, fusion layers kept as initialised, leaves streamed to a sink
+  cfg7 = B.hf_text_config(B.minilm_dir(), fusion_layer=6, encoder_width=64, num_layers=7)
+  got = {}
+  partial = B.load_hf_bert(B.minilm_dir(), cfg7, sink=lambda path, value: got.setdefault(tuple(path), value))
+  assert not jax.tree.leaves(partial) and ("bert", "encoder", "text_layers", "attention", "self",
+                                           "query", "kernel") in got
+  assert not any("fusion_layers" in k for k in got)
+  np.testing.assert_array_equal(got[("bert", "embeddings", "word_embeddings", "embedding")],
+                                params["bert"]["embeddings"]["word_embeddings"]["embedding"])
 
 
 def test_fusion_layers_read_the_memory_and_padding_is_ignored():
@@ -85,6 +95,7 @@ def test_official_text_keys_round_trip_and_errors():
   assert "bert.encoder.layer.2.crossattention.self.key.weight" not in sd
   back = B.bert_from_state_dict(sd, cfg)
   jax.tree.map(np.testing.assert_array_equal, back, params)
+  assert_streams(lambda src, sink: B.bert_from_state_dict(src, cfg, sink=sink), sd, params)
   del sd["bert.encoder.layer.3.crossattention.self.key.weight"]
   sd["bert.encoder.layer.0.output.dense.weight"] = np.zeros((48, 10), np.float32)
   with pytest.raises(CheckpointError) as e:

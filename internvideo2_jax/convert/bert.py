@@ -11,13 +11,15 @@ Our layers are split into two scanned stacks: text_layers = [0, F), fusion_layer
 
 from __future__ import annotations
 
+import collections
 import json
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import CheckpointError, KeyReader, load_state_dict, mismatch_error
+from internvideo2_jax.convert.io import (CheckpointError, KeyReader, RenamedView, load_state_dict,
+                                        mismatch_error, select)
 from internvideo2_jax.models.text import TextSpec, text_preset
 
 _same = (lambda a: a, lambda a: a)
@@ -74,24 +76,28 @@ def _top_rules(s: TextSpec):
   return rules, head
 
 
-def _normalise_keys(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """HF variants: missing `bert.` prefix (BertModel), LayerNorm gamma/beta (old TF ports)."""
-  out = {}
-  for k, v in sd.items():
-    k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-    if k.startswith(("embeddings.", "encoder.", "pooler.")):
-      k = "bert." + k
-    out[k] = v
-  return out
+def _normalise_keys(sd: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+  """HF variants: missing `bert.` prefix (BertModel), LayerNorm gamma/beta (old TF ports).
+  A view: no tensor is read."""
+  names = {}
+  for k in sd:
+    new = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    if new.startswith(("embeddings.", "encoder.", "pooler.")):
+      new = "bert." + new
+    names[new] = k
+  return RenamedView(sd, names)
 
 
 def bert_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
                          base: Optional[Mapping] = None, need_cross: bool = True,
-                         need_head: bool = True, strict: bool = True) -> dict:
+                         need_head: bool = True, strict: bool = True,
+                         sink: Optional[Callable[[tuple, np.ndarray], None]] = None) -> dict:
   """BERT state dict (keys as in the module docstring) -> TextEncoder params (inner dict).
 
   Parts not required (`need_cross=False`: cross-attention; `need_head=False`: MLM head) are
-  taken from `base` (fresh init) when absent. Problems are raised together.
+  taken from `base` (fresh init) when absent. Problems are raised together. With
+  `sink(path, value)` each leaf goes there as soon as it is converted instead of into the
+  returned tree (streaming into sharded arrays; the host holds one leaf at a time).
   """
   s = TextSpec.from_config(config)
   sd = _normalise_keys(state_dict)
@@ -100,6 +106,9 @@ def bert_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
   reader = KeyReader(sd)
 
   def put(path, value):
+    if sink is not None:
+      sink(path, value)
+      return
     t = params
     for p in path[:-1]:
       t = t.setdefault(p, {})
@@ -197,14 +206,15 @@ def hf_text_config(directory: str, *, fusion_layer: Optional[int] = None, encode
   return cfg
 
 
-def load_hf_bert(directory: str, config: Any, base: Optional[Mapping] = None) -> dict:
+def load_hf_bert(directory: str, config: Any, base: Optional[Mapping] = None, *,
+                 sink: Optional[Callable[[tuple, np.ndarray], None]] = None) -> dict:
   """Params for TextEncoder(config) from a HF BERT directory (model.safetensors or .bin).
 
   All BERT weights are mapped; the cross-attention of fusion layers and (if absent) the MLM head
   come from `base` (a fresh init), or with `base=None` are left out of the returned (partial)
   tree, so the caller keeps its own initialisation for them without ever reading it back to
   the host (the multi-host path). With `config.num_layers` below the checkpoint's, the first
-  layers are used.
+  layers are used. `sink`: stream leaf by leaf, as in `bert_from_state_dict`.
   """
   for name in ("model.safetensors", "pytorch_model.bin"):
     path = os.path.join(directory, name)
@@ -215,8 +225,7 @@ def load_hf_bert(directory: str, config: Any, base: Optional[Mapping] = None) ->
   sd = _normalise_keys(load_state_dict(path))
   s = TextSpec.from_config(config)
   have = 1 + max((int(k.split(".")[3]) for k in sd if k.startswith("bert.encoder.layer.")), default=-1)
-  sd = {k: v for k, v in sd.items()
-        if not (k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= s.num_layers)}
+  sd = select(sd, lambda k: not (k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= s.num_layers))
   if s.num_layers > have:
     # Fusion layers appended after a pretrained text BERT (e.g. all 6 MiniLM layers as the text
     # part, whose [CLS] only becomes informative at the last layer): they start from `base`.
@@ -225,11 +234,11 @@ def load_hf_bert(directory: str, config: Any, base: Optional[Mapping] = None) ->
                             f"(fusion_layer={s.fusion_layer} < {have})")
     if base is None:  # the fusion stack lies wholly after the checkpoint: keep it as initialised
       part = dict(config.to_dict() if hasattr(config, "to_dict") else config, num_layers=have)
-      return bert_from_state_dict(sd, part, need_cross=False, need_head=False)
+      return bert_from_state_dict(sd, part, need_cross=False, need_head=False, sink=sink)
     base_sd = bert_to_state_dict(base, config)
-    sd.update({k: v for k, v in base_sd.items()
-               if k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= have})
-  return bert_from_state_dict(sd, config, base=base, need_cross=False, need_head=False)
+    sd = collections.ChainMap({k: v for k, v in base_sd.items()
+                               if k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= have}, sd)
+  return bert_from_state_dict(sd, config, base=base, need_cross=False, need_head=False, sink=sink)
 
 
 def minilm_dir() -> str:

@@ -8,7 +8,7 @@ unwrapped as the official loaders do.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -82,13 +82,16 @@ def _to_numpy(value):
 
 
 class RenamedView(Mapping):
-  """A lazy view of a state dict under other key names ({new name: old name})."""
+  """A lazy view of a state dict under other key names ({new name: old name}), optionally with
+  per-key transforms applied when a tensor is read ({new name: fn})."""
 
-  def __init__(self, base, names: Mapping[str, str]):
-    self._base, self._names = base, dict(names)
+  def __init__(self, base, names: Mapping[str, str], transforms: Optional[Mapping[str, Callable]] = None):
+    self._base, self._names, self._fns = base, dict(names), dict(transforms or {})
 
   def __getitem__(self, key: str):
-    return self._base[self._names[key]]
+    value = self._base[self._names[key]]
+    fn = self._fns.get(key)
+    return value if fn is None else fn(value)
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._names)
@@ -168,6 +171,11 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
   else:
     with target.open("wb") as f:
       np.savez(f, **arrays)
+
+
+def select(state_dict: Mapping[str, np.ndarray], keep: Callable[[str], bool]) -> Mapping[str, np.ndarray]:
+  """The keys for which `keep(key)` holds. A view: no tensor is read."""
+  return RenamedView(state_dict, {k: k for k in state_dict if keep(k)})
 
 
 def strip_prefix(state_dict: Mapping[str, np.ndarray], prefix: str) -> Mapping[str, np.ndarray]:

@@ -185,6 +185,10 @@ class Placer:
     self.placed[tuple(path)] = jax.make_array_from_callback(
         tuple(leaf.shape), leaf.sharding, lambda idx: np.asarray(value[idx], dtype))
 
+  def sink(self, prefix: tuple):
+    """`sink(path, value)` for the streaming converters: places each leaf under `prefix`."""
+    return lambda path, value: self.put(tuple(prefix) + tuple(path), value)
+
   def put_tree(self, prefix: tuple, tree: Mapping) -> None:
     """Places every leaf of a nested dict under `prefix`, releasing each host leaf once placed."""
     for k in list(tree):

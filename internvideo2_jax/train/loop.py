@@ -278,9 +278,9 @@ def materialize(parts: StepParts, mesh, load: Optional[Callable[[sharding.Placer
   """Sharded init -> optional weight loading -> optimizer state -> the TrainState, each array
   created directly in its sharding (optimizer moments like their parameters).
 
-  `load(placer)` puts pretrained weights into the sharded params (`placer.put_tree(path,
-  numpy_subtree)`): each process transfers only its devices' shards, and nothing global is
-  ever fetched to a host.
+  `load(placer)` puts pretrained weights into the sharded params (a converter's
+  `sink=placer.sink(prefix)`, leaf by leaf, or `placer.put_tree(prefix, numpy_subtree)`): each
+  process transfers only its devices' shards, and nothing global is ever fetched to a host.
   """
   params, _ = sharding.init_sharded(parts.init_fn, mesh, parts.rules)
   params = nn.unbox(params)["params"]

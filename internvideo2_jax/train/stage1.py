@@ -178,13 +178,13 @@ def run(config, workdir: str) -> dict:
   student, n_vis = parts.extra["student"], parts.extra["n_vis"]
   v = config.model.vision
 
-  def load(placer):
+  def load(placer):  # the teachers stream leaf by leaf into their shards (no whole-teacher host copy)
     if config.model.clip_teacher_init:
-      placer.put_tree(("teachers", "clip"), teacher_conv.clip_teacher_from_state_dict(
-          load_state_dict(config.model.clip_teacher_init), config.model.clip_teacher))
+      teacher_conv.clip_teacher_from_state_dict(load_state_dict(config.model.clip_teacher_init),
+                                                config.model.clip_teacher, sink=placer.sink(("teachers", "clip")))
     if config.model.mae_teacher_init:
-      placer.put_tree(("teachers", "mae"), teacher_conv.mae_teacher_from_state_dict(
-          load_state_dict(config.model.mae_teacher_init), config.model.mae_teacher))
+      teacher_conv.mae_teacher_from_state_dict(load_state_dict(config.model.mae_teacher_init),
+                                               config.model.mae_teacher, sink=placer.sink(("teachers", "mae")))
 
   state = loop.materialize(parts, mesh, load=load)
   model_cfg = ml_collections.ConfigDict(dict(v.to_dict(), num_frames=2 * v.num_frames))

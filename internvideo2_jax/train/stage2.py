@@ -300,12 +300,12 @@ def run(config, workdir: str) -> dict:
   def load(placer):
     if config.model.text_init:
       d = bert_conv.minilm_dir() if config.model.text_init == "minilm" else config.model.text_init
-      placer.put_tree(("text_encoder",), bert_conv.load_hf_bert(d, mcfg.text))
+      bert_conv.load_hf_bert(d, mcfg.text, sink=placer.sink(("text_encoder",)))  # leaf by leaf
       print(f"text tower initialised from {d}", flush=True)
     if config.model.get("vision_init"):
       sd = load_state_dict(config.model.vision_init)
       vision_from_state_dict(sd, mcfg.vision, strict=False,  # leaf by leaf into the shards
-                             sink=lambda path, value: placer.put(("vision_encoder",) + tuple(path), value))
+                             sink=placer.sink(("vision_encoder",)))
       print(f"vision tower initialised from {config.model.vision_init}", flush=True)
 
   state = loop.materialize(parts, mesh, load=load)
