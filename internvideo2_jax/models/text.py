@@ -24,7 +24,7 @@ import ml_collections
 
 from internvideo2_jax.config_utils import preset
 from internvideo2_jax.models import remat
-from internvideo2_jax.models.layers import LayerNorm, Linear, gelu, param_with_axes
+from internvideo2_jax.models.layers import LayerNorm, Linear, drop_path, gelu, param_with_axes
 from internvideo2_jax.ops.attention import dot_product_attention
 
 _PRESETS = {
@@ -97,6 +97,7 @@ class Attention(nn.Module):
   spec: TextSpec
   deterministic: bool
   cross: bool = False
+  drop_path: float = 0.0  # stochastic depth before the post-LN residual (the QFormer's)
 
   @nn.compact
   def __call__(self, x, kv, bias=None, mask=None):
@@ -106,7 +107,7 @@ class Attention(nn.Module):
     rng = self.make_rng("dropout") if rate > 0.0 else None
     o = dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=s.attn_impl,
                               dropout_rate=rate, dropout_rng=rng)
-    return _Output(s, self.deterministic, n_in=2, name="output")(o, x)
+    return _Output(s, self.deterministic, n_in=2, drop_path=self.drop_path, name="output")(o, x)
 
 
 class _QKV(nn.Module):
@@ -121,10 +122,11 @@ class _QKV(nn.Module):
 
 
 class _Output(nn.Module):
-  """dense -> dropout -> LayerNorm(x + residual) (BertSelfOutput / BertOutput)."""
+  """dense -> dropout [-> drop path] -> LayerNorm(x + residual) (BertSelfOutput / BertOutput)."""
   spec: TextSpec
   deterministic: bool
   n_in: int = 1
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, y, residual):
@@ -132,6 +134,8 @@ class _Output(nn.Module):
     axes = ("heads", "head_dim", "embed") if self.n_in == 2 else ("mlp", "embed")
     y = Linear(s.hidden_size, axes, n_in=self.n_in, dtype=s.dtype, name="dense")(y)
     y = nn.Dropout(s.hidden_dropout)(y, deterministic=self.deterministic)
+    if self.drop_path > 0.0 and not self.deterministic:
+      y = drop_path(y, self.drop_path, self.make_rng("dropout"), False)
     out = LayerNorm(s.layer_norm_eps, name="LayerNorm")(y.astype(jnp.float32) + residual.astype(jnp.float32))
     return out.astype(residual.dtype)
 
