@@ -156,6 +156,23 @@ def conversation(qa: list[dict], media: str, spec: InstructSpec, *, msg: str = "
   return text.strip(), instruction.strip(), [(b - lead, e - lead) for b, e in spans]
 
 
+def tokenize_prompt(tok, question: str, media: str, spec: InstructSpec, *, instruction: str = "",
+                    msg: str = "", answer_prompt: str = "") -> np.ndarray:
+  """Token ids of an inference prompt (no padding): [BOS] "{system}{i} [INST] <Video>" [V slots]
+  "</Video>{msg} [/INST] [INST] {question} [/INST]" [" {answer_prompt}"], the training template
+  up to where the answer starts. Visual slots hold id -1 (the model fills them)."""
+  if not question.strip():
+    raise ValueError("the question is empty")
+  prompt, _, _ = conversation([{"i": instruction, "q": question, "a": ""}], media, spec, msg=msg)
+  prompt = prompt[:prompt.rindex(HUMAN_END) + len(HUMAN_END)]
+  if answer_prompt:
+    prompt += " " + answer_prompt
+  cut = prompt.find(MEDIA_TAGS[media][1])
+  before = tok(prompt[:cut], add_special_tokens=False)["input_ids"]
+  after = tok(prompt[cut:], add_special_tokens=False)["input_ids"]
+  return np.asarray([tok.bos_token_id] + before + [-1] * spec.visual_tokens + after, np.int32)
+
+
 def time_message(times: np.ndarray) -> str:
   """Official `add_second_msg` (frame times rounded to 0.1 s)."""
   secs = ", ".join(str(round(float(t), 1)) for t in times)
@@ -242,5 +259,5 @@ def decode_example(tok, ex: dict) -> tuple[str, str]:
 
 
 __all__ = ["IGNORE", "InstructSpec", "BadConversation", "conversation", "time_message",
-           "tokenize_conversation", "tokenize_instruction", "instruct_example",
+           "tokenize_conversation", "tokenize_instruction", "tokenize_prompt", "instruct_example",
            "load_llm_tokenizer", "decode_example"]

@@ -87,6 +87,32 @@ def stage2_train_flops(cfg, *, batch: int, frames: int, visible_tokens: int, tex
   return 3.0 * batch * per_example
 
 
+def llm_forward(tokens: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                inter: int) -> float:
+  """Per sequence of a Llama-family decoder (causal attention counted whole, as XLA computes it)."""
+  proj = 2 * tokens * hidden * head_dim * (2 * heads + 2 * kv_heads)
+  mlp = 2 * tokens * 3 * hidden * inter
+  attn = 4 * tokens * tokens * heads * head_dim
+  return layers * (proj + mlp + attn)
+
+
+def stage3_train_flops(mc, *, batch: int, text_len: int, head_tokens: int, instruction_len: int = 0) -> float:
+  """FLOPs of one stage-3 step: ViT + QFormer + LLM forward, the LM head at `head_tokens`
+  positions, times 3 (forward + backward through activations and weights)."""
+  v, q, m = mc.vision, mc.qformer, mc.llm
+  tokens = 1 + (v.num_frames // v.tubelet_size) * (v.img_size // v.patch_size) ** 2
+  vision = vit_forward(tokens, v.embed_dim, v.depth, int(v.embed_dim * v.mlp_ratio),
+                       v.in_chans * v.tubelet_size * v.patch_size ** 2)
+  nq = int(q.num_query_tokens) + int(q.extra_query_tokens)
+  cross_layers = (int(q.num_layers) + int(q.cross_attention_freq) - 1) // int(q.cross_attention_freq)
+  qformer = (bert_forward(nq + instruction_len, q.hidden_size, q.num_layers, q.intermediate_size)
+             + bert_forward(nq, q.hidden_size, cross_layers, 0, tokens, v.embed_dim))
+  head_dim = int(m.get("head_dim", 0)) or m.hidden_size // m.num_heads
+  llm = llm_forward(text_len, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, head_dim,
+                    m.intermediate_size) + 2 * head_tokens * m.hidden_size * m.vocab_size
+  return 3.0 * batch * (vision + qformer + 2 * nq * q.hidden_size * m.hidden_size + llm)
+
+
 def peak_flops(override_tflops: Optional[float] = None, devices=None) -> Optional[float]:
   """Peak FLOP/s of all devices, from the device kind (None on CPU / unknown)."""
   devices = jax.devices() if devices is None else devices

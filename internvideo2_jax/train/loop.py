@@ -37,7 +37,8 @@ from internvideo2_jax.train.metrics import MetricWriter
 log = logging.getLogger(__name__)
 
 DEVICE_KEYS = ("video", "mask", "text_ids", "text_mask", "sample_id", "audio", "has_audio", "label",
-               "clip_tokens", "clip_final", "clip_attn", "mae_tokens")
+               "clip_tokens", "clip_final", "clip_attn", "mae_tokens",
+               "llm_ids", "llm_mask", "llm_visual", "llm_labels", "instruction_ids", "instruction_mask")
 
 
 @dataclasses.dataclass

@@ -15,7 +15,10 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-DECAYED_LEAVES = ("kernel", "embedding")  # Linear/conv weights and embedding tables
+# Linear/conv weights, embedding tables and the other >= 2-D weights (the official rule decays
+# every tensor of 2+ dims that is not a bias): LLM embeddings, LoRA adapters, QFormer queries.
+DECAYED_LEAVES = ("kernel", "embedding", "embed_tokens", "lora_a", "lora_b", "query_tokens",
+                  "extra_query_tokens")
 
 
 def flatten(params: Mapping) -> dict[str, Any]:
