@@ -28,6 +28,8 @@ JOBS = {
     "train_stage2": "internvideo2_jax.train.stage2",
     "evaluate": "internvideo2_jax.evaluate.run",
     "train_stage1": "internvideo2_jax.train.stage1",
+    "train_stage3": "internvideo2_jax.train.stage3",
+    "chat": "internvideo2_jax.evaluate.chat",
     "cache_targets": "internvideo2_jax.train.cache_targets",
     "compile": "internvideo2_jax.train.compile",
 }

@@ -147,8 +147,25 @@ def captions_for(shape: str, colour: str, direction: str, sound: str) -> dict:
 QA_INSTRUCTION = "Carefully watch the video and answer the question in a few words."
 
 
-def qa_for(shape: str, colour: str, direction: str, sound: str) -> list[dict]:
-  """VideoChat2-style QA pairs about one clip ("none" sound = no audio track: not asked)."""
+MC_INSTRUCTION = "Carefully watch the video and select the best option."
+MC_QUESTION = "Which way does the shape move?"
+
+
+def multiple_choice(question: str, options: list[str], answer: str) -> dict:
+  """An MVBench-style multiple-choice turn: "Question: ...\nOptions:\n(A) ...\n...Only give
+  the best option." answered "Best option:(X) ..." (the evaluation's answer prompt
+  "Best option:(" followed by the letter, so training and evaluation share the format)."""
+  letters = "ABCDEFGH"
+  body = "".join(f"({letters[k]}) {o}\n" for k, o in enumerate(options))
+  q = f"Question: {question}\nOptions:\n{body}Only give the best option."
+  k = options.index(answer)
+  return {"i": MC_INSTRUCTION, "q": q, "a": f"Best option:({letters[k]}) {answer}"}
+
+
+def qa_for(shape: str, colour: str, direction: str, sound: str,
+           rng: Optional[np.random.Generator] = None) -> list[dict]:
+  """VideoChat2-style QA pairs about one clip ("none" sound = no audio track: not asked), and
+  with `rng` a multiple-choice question on the direction (options in a random order)."""
   verb = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down"}[direction]
   qa = [{"i": QA_INSTRUCTION, "q": "What colour is the shape?", "a": colour},
         {"i": QA_INSTRUCTION, "q": "What shape is in the video?", "a": f"a {shape}"},
@@ -156,6 +173,9 @@ def qa_for(shape: str, colour: str, direction: str, sound: str) -> list[dict]:
         {"i": QA_INSTRUCTION, "q": "Describe the video.", "a": f"A {colour} {shape} {verb}."}]
   if sound != "none":
     qa.append({"i": QA_INSTRUCTION, "q": "What can be heard?", "a": SOUNDS[sound][0]})
+  if rng is not None:
+    options = [list(DIRECTIONS)[j] for j in rng.permutation(len(DIRECTIONS))]
+    qa.append(multiple_choice(MC_QUESTION, options, direction))
   return qa
 
 
@@ -195,7 +215,9 @@ def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0,
              "shape": shape, "colour": colour, "direction": direction,
              "sound": sound if has_track else "none", "label": dirs.index(direction)}
       rows.append(row)
-      qa_rows.append({"video": rel, "QA": qa_for(shape, colour, direction, row["sound"])})
+      # the options' order has its own stream: the clips stay those of earlier versions
+      mc_rng = np.random.default_rng([seed, i, 0 if split == "train" else 1])
+      qa_rows.append({"video": rel, "QA": qa_for(shape, colour, direction, row["sound"], mc_rng)})
       if split == "train":
         csv_rows.append(f"synthetic {rel} {num_frames / fps:.3f} 0.0 {num_frames / fps:.3f} {row['label']}")
     paths[split] = os.path.join(out, f"{split}.json")

@@ -110,3 +110,14 @@ def test_transform(clip: np.ndarray, size: int) -> np.ndarray:
 
 
 test_transform.__test__ = False  # not a pytest test
+
+
+def chat_transform(clip: np.ndarray, size: int) -> np.ndarray:
+  """The InternVideo2-Chat demo transform: bicubic resize of the shorter side to `size`, then
+  a centre crop of size x size."""
+  h, w = clip.shape[1:3]
+  scale = size / min(h, w)
+  nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+  clip = resize(clip, nh, nw)
+  top, left = (nh - size) // 2, (nw - size) // 2
+  return clip[:, top:top + size, left:left + size]

@@ -51,6 +51,9 @@ def frame_indices(num_frames: int, vlen: int, sample: str = "middle", *,
         idx = [int(rng.integers(x0, x1)) for x0, x1 in ranges]
     else:
       idx = [(x0 + x1) // 2 for x0, x1 in ranges]
+  elif sample == "chat":  # InternVideo2-Chat demo `get_index`: segment centres of (n - 1) / num
+    seg = float(vlen - 1) / num_frames
+    idx = [min(int(seg / 2) + int(np.round(seg * i)), vlen - 1) for i in range(num_frames)]
   elif sample.startswith("fps"):
     try:
       out_fps = float(sample[3:])
@@ -60,7 +63,7 @@ def frame_indices(num_frames: int, vlen: int, sample: str = "middle", *,
     times = np.arange(0, vlen / input_fps, delta) + delta / 2
     idx = [int(i) for i in np.around(times * input_fps) if i < vlen][:num_frames] or [vlen // 2]
   else:
-    raise ValueError(f"unknown frame sampling {sample!r} (use 'rand', 'middle' or 'fpsX')")
+    raise ValueError(f"unknown frame sampling {sample!r} (use 'rand', 'middle', 'chat' or 'fpsX')")
   return idx + [idx[-1]] * (num_frames - len(idx))  # repeat the last for short videos
 
 

@@ -55,7 +55,7 @@ def load_params(config, mcfg, workdir: str, mesh):
   return state.params
 
 
-TASKS = ("retrieval", "classification", "audio_retrieval", "audio_classification")
+TASKS = ("retrieval", "classification", "audio_retrieval", "audio_classification", "qa")
 
 
 def _labels(texts: list[str], txt2item: np.ndarray, n: int) -> tuple[list[str], np.ndarray]:
@@ -68,8 +68,11 @@ def _labels(texts: list[str], txt2item: np.ndarray, n: int) -> tuple[list[str], 
 def run(config, workdir: str) -> dict:
   from internvideo2_jax.parallel import distributed
   from internvideo2_jax.train.stage2 import build_model_config
-  distributed.make_dirs(workdir)
   task = config.eval.get("task", "retrieval")
+  if task == "qa":  # stage 3
+    from internvideo2_jax.evaluate import chat
+    return chat.run_qa(config, workdir)
+  distributed.make_dirs(workdir)
   if task not in TASKS:
     raise ValueError(f"unknown eval.task {task!r}; one of {TASKS}")
   mcfg = build_model_config(config.model)

@@ -28,7 +28,8 @@ from internvideo2_jax.parallel import mesh as mesh_lib
 from internvideo2_jax.parallel.mesh import batch_sharding
 from internvideo2_jax.train import flops, loop
 
-STEP_MODULES = {"train_stage1": "internvideo2_jax.train.stage1", "train_stage2": "internvideo2_jax.train.stage2"}
+STEP_MODULES = {"train_stage1": "internvideo2_jax.train.stage1", "train_stage2": "internvideo2_jax.train.stage2",
+                "train_stage3": "internvideo2_jax.train.stage3"}
 GIB = 2 ** 30
 
 

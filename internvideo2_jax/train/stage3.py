@@ -50,23 +50,24 @@ def label_positions(labels, k: int):
 def stage3_loss(model: VideoChat, params, batch, rng, *, norm: str, max_label_tokens: int = 0):
   """(mean answer-token cross-entropy, answer-token count) of one global batch."""
   p = {"params": params}
+  k_embed, k_llm, k_head = jax.random.split(rng, 3)
   video = normalize(batch["video"], norm, jnp.dtype(model.config.vision.dtype))
   embeds = model.apply(p, video, batch["llm_ids"], batch["llm_visual"], batch.get("instruction_ids"),
-                       batch.get("instruction_mask"), method=VideoChat.embed_prompt, rngs={"dropout": rng})
+                       batch.get("instruction_mask"), method=VideoChat.embed_prompt, rngs={"dropout": k_embed})
   hidden, _ = model.apply(p, embeds, batch["llm_mask"], method=lambda m, e, msk: m.lm.hidden(e, msk),
-                          rngs={"dropout": rng})
+                          rngs={"dropout": k_llm})
   labels = batch["llm_labels"]
   if max_label_tokens:
     pos, valid = label_positions(labels, max_label_tokens)
     h = jnp.take_along_axis(hidden, pos[..., None], axis=1)
-    logits = model.apply(p, h, method=lambda m, x: m.lm.logits(x))
+    logits = model.apply(p, h, method=lambda m, x: m.lm.logits(x), rngs={"dropout": k_head})
     target = jnp.take_along_axis(labels, jnp.minimum(pos + 1, labels.shape[1] - 1), axis=1)
     target = jnp.where(valid, target, -100)
     # next_token_loss shifts by one: put each target one slot after its logits row
     total, count = next_token_loss(jnp.pad(logits, ((0, 0), (0, 1), (0, 0))),
                                    jnp.pad(target, ((0, 0), (1, 0)), constant_values=-100))
   else:
-    logits = model.apply(p, hidden, method=lambda m, x: m.lm.logits(x))
+    logits = model.apply(p, hidden, method=lambda m, x: m.lm.logits(x), rngs={"dropout": k_head})
     total, count = next_token_loss(logits, labels)
   return total / jnp.maximum(count, 1), count
 
