@@ -149,6 +149,13 @@ def get_config(arg=None):
     t.max_label_tokens = 256
   else:
     raise ValueError(f"unknown stage-3 size {a.size!r}: demo, tiny or 7B")
+  if a.hd_num:
+    # HD (the 8B-HD recipe): columns x rows sub-clips + a global clip per video, each through
+    # ViT -> LN -> QFormer. Training batches need one fixed grid (the official fix_ratio (2, 1));
+    # chat / QA evaluation pick the grid per video from hd_num unless data.load.hd_grid is set.
+    d.load = dict(d.load, hd_grid=(2, 1))
+    queries = m.qformer.num_query_tokens + m.qformer.extra_query_tokens
+    d.instruct = dict(d.instruct, visual_tokens=queries * 3)
   if a.steps:
     t.total_steps = a.steps
   if a.batch:

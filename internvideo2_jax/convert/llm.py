@@ -173,7 +173,8 @@ def llm_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
       t = t[k]
     return np.asarray(t, np.float32)
 
-  out = {key: to_hf(get(path)) for key, path, _, _, to_hf in top}
+  # contiguous: safetensors writes a transposed view's buffer as is (scrambled weights)
+  out = {key: np.ascontiguousarray(to_hf(get(path))) for key, path, _, _, to_hf in top}
   for key, path, _, _, to_hf in layer:
     stacked = get(("layers",) + path)
     for i in range(s.num_layers):
@@ -210,7 +211,7 @@ def save_hf_llm(params: Mapping, config: Any, directory: str, max_shard_bytes: i
     if cur and size + nbytes > max_shard_bytes:
       shards.append(cur)
       cur, size = {}, 0
-    cur[k], size = sd[k], size + nbytes
+    cur[k], size = np.ascontiguousarray(sd[k]), size + nbytes
   shards.append(cur)
   written = []
   if len(shards) == 1:

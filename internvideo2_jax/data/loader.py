@@ -53,6 +53,7 @@ class LoadSpec:
   min_frames: int = 1             # videos with fewer decodable frames are skipped
   sample_id: str = "media"        # media | caption: what makes two examples VTC positives
   instruct: Optional[instruct.InstructSpec] = None  # stage 3: conversation tokens for the LLM
+  hd_grid: tuple[int, ...] = ()   # stage-3 HD: (columns, rows) sub-clips + a global clip per video
   train: bool = True
 
   def grid(self, frames: int) -> tuple[int, int, int]:
@@ -102,6 +103,10 @@ def _decode(rec: dict, spec: LoadSpec, rng: np.random.Generator, size) -> tuple[
 
 
 def _frames(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  if spec.hd_grid:  # (columns * rows + 1, T, S, S, 3): the tiles, then the whole frame
+    clip, times = _decode(rec, spec, rng, None)
+    cols, rows = spec.hd_grid
+    return transforms.hd_clips(clip, spec.size, cols * rows, grid=(cols, rows)), times
   squash = spec.crop == "squash" or not spec.train
   clip, times = _decode(rec, spec, rng, (spec.size, spec.size) if squash else None)
   if squash:

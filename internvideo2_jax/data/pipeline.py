@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 # S = image size, L = max_txt_l, N = tokens (T/tubelet * (S/patch)^2); stage 3: M = instruct
 # max_txt_l + visual_tokens, I = instruct.instruction_l (see data/instruct.py).
 BATCH_SPEC = {
-    "video": ("(B, T, S, S, 3)", "uint8", "1 2 3 eval", "RGB frames, normalised on device"),
+    "video": ("(B, T, S, S, 3)", "uint8", "1 2 3 eval", "RGB frames, normalised on device; stage-3 HD: "
+              "(B, cols * rows + 1, T, S, S, 3)"),
     "label": ("(B,)", "int32", "1 2 3 eval", "class id or -1"),
     "text_ids": ("(B, L)", "int32", "2 eval", "BERT token ids of the chosen caption"),
     "text_mask": ("(B, L)", "int32", "2 eval", "1 = real token"),
@@ -143,7 +144,7 @@ def _spec_from_config(data_cfg, model_cfg, stage: str, train: bool) -> LoadSpec:
   if not train:
     d.update(sample="middle" if d.get("sample", "rand") != "segments" else "segments",
              crop="squash", flip=False, mask="none", train=False)
-  for k in ("rrc_scale", "no_flip_sources"):
+  for k in ("rrc_scale", "no_flip_sources", "hd_grid"):
     if k in d:
       d[k] = tuple(d[k])
   return LoadSpec(**d)

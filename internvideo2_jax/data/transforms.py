@@ -15,7 +15,7 @@ patch-embedding matmul on the accelerator.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import av
 import jax.numpy as jnp
@@ -121,3 +121,38 @@ def chat_transform(clip: np.ndarray, size: int) -> np.ndarray:
   clip = resize(clip, nh, nw)
   top, left = (nh - size) // 2, (nw - size) // 2
   return clip[:, top:top + size, left:left + size]
+
+
+
+def hd_grid(width: int, height: int, hd_num: int, size: int = 224) -> tuple[int, int]:
+  """The (columns, rows) of the HD tiling (VideoChat2 `HD_transform_no_padding`, the
+  InternVL-1.5 rule): among grids with 1 <= columns * rows <= hd_num, the one whose aspect
+  ratio columns / rows is closest to the frame's; on a tie the larger grid wins when the frame
+  has more than half its pixels (area > 0.5 * size^2 * columns * rows)."""
+  if hd_num < 1:
+    raise ValueError(f"hd_num={hd_num} must be >= 1")
+  ratios = sorted({(i, j) for n in range(1, hd_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                   if i * j <= hd_num}, key=lambda r: r[0] * r[1])
+  aspect, area = width / height, width * height
+  best, best_diff = (1, 1), float("inf")
+  for cols, rows in ratios:
+    diff = abs(aspect - cols / rows)
+    if diff < best_diff:
+      best, best_diff = (cols, rows), diff
+    elif diff == best_diff and area > 0.5 * size * size * cols * rows:
+      best = (cols, rows)
+  return best
+
+
+def hd_clips(clip: np.ndarray, size: int, hd_num: int, *, grid: Optional[tuple[int, int]] = None,
+             add_global: bool = True) -> np.ndarray:
+  """(T, H, W, 3) -> (columns * rows [+ 1], T, size, size, 3): the frames bicubic-resized to
+  (rows * size, columns * size), cut into sub-clips row by row, then (add_global) the whole
+  frame resized to size x size. `grid` fixes the tiling (the official `fix_ratio`)."""
+  t, h, w = clip.shape[:3]
+  cols, rows = grid or hd_grid(w, h, hd_num, size)
+  big = resize(clip, rows * size, cols * size)
+  tiles = big.reshape(t, rows, size, cols, size, 3).transpose(1, 3, 0, 2, 4, 5).reshape(rows * cols, t, size, size, 3)
+  if add_global:
+    tiles = np.concatenate([tiles, resize(clip, size, size)[None]], axis=0)
+  return tiles

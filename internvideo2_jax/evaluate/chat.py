@@ -20,22 +20,25 @@ import sys
 import jax
 import numpy as np
 
-from internvideo2_jax.data.transforms import chat_transform
+from internvideo2_jax.data.transforms import chat_transform, hd_clips
 from internvideo2_jax.data.video import VideoFile, VideoReadError, frame_indices
 from internvideo2_jax.evaluate import qa as qa_lib
 from internvideo2_jax.parallel import distributed, mesh as mesh_lib
 
 
-def read_clip(path: str, num_frames: int, size: int) -> np.ndarray:
-  """(T, size, size, 3) uint8 frames of a video file, or a ValueError naming it."""
+def read_clip(path: str, num_frames: int, size: int, hd_num: int = 0, grid=()) -> np.ndarray:
+  """(T, size, size, 3) uint8 frames of a video file, or with `hd_num` the HD tiles
+  (clips, T, size, size, 3) on the video's grid (or `grid`); a ValueError names a bad file."""
   if not os.path.exists(path):
     raise ValueError(f"chat.video={path}: no such file")
   try:
     with VideoFile(path) as v:
-      n = v.num_frames()
-      return chat_transform(v.read(frame_indices(num_frames, n, "chat")), size)
+      frames = v.read(frame_indices(num_frames, v.num_frames(), "chat"))
   except (VideoReadError, ValueError) as e:
     raise ValueError(f"chat.video={path}: cannot be read as a video ({e})") from e
+  if hd_num:
+    return hd_clips(frames, size, hd_num, grid=tuple(grid) or None)
+  return chat_transform(frames, size)
 
 
 def load_params(config, workdir: str, mesh, checkpoint_dir: str = ""):
@@ -71,7 +74,9 @@ def run(config, workdir: str) -> None:
   stage_check(config)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   v = config.model.vision
-  clip = read_clip(cc.video, int(v.num_frames), int(v.img_size)) if cc.video else None
+  grid = tuple(config.data.get("load", {}).get("hd_grid", ()) or ())
+  clip = read_clip(cc.video, int(v.num_frames), int(v.img_size), int(config.model.get("hd_num", 0)),
+                   grid) if cc.video else None
   if clip is None:
     raise ValueError("set config.chat.video to the clip to talk about")
   if not cc.interactive and not cc.question.strip():

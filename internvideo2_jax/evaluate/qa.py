@@ -16,6 +16,7 @@ questions are scored by exact match of the normalised answer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import string
@@ -81,13 +82,17 @@ class Chat:
 
   def load_spec(self) -> LoadSpec:
     v = self.config.model.vision
+    grid = tuple(self.config.data.get("load", {}).get("hd_grid", ()) or ())
     return LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size,
                     tubelet_size=v.tubelet_size, text=False, train=False, crop="squash", sample="middle",
-                    flip=False)
+                    flip=False, hd_grid=grid)
 
-  def prompts(self, questions: Sequence[str], instructions: Sequence[str], answer_prompt: str = ""):
+  def prompts(self, questions: Sequence[str], instructions: Sequence[str], answer_prompt: str = "",
+              clips: int = 1):
     """Left-padded (ids, mask, slots) of the prompts; the slots hold the pad id."""
-    rows = [instruct_lib.tokenize_prompt(self.tok, q, "video", self.spec, instruction=i,
+    q = self.config.model.qformer
+    spec = dataclasses.replace(self.spec, visual_tokens=clips * (int(q.num_query_tokens) + int(q.extra_query_tokens)))
+    rows = [instruct_lib.tokenize_prompt(self.tok, q, "video", spec, instruction=i,
                                          answer_prompt=answer_prompt)
             for q, i in zip(questions, instructions)]
     n = max(len(r) for r in rows)
@@ -107,9 +112,11 @@ class Chat:
 
   def answer(self, videos: np.ndarray, questions: Sequence[str], instructions: Optional[Sequence[str]] = None,
              *, answer_prompt: str = "", on_token: Optional[Callable[[np.ndarray], None]] = None) -> list[str]:
-    """videos (B, T, S, S, 3) uint8 -> the B generated answers (text, without </s>)."""
+    """videos (B, T, S, S, 3) uint8, or (B, clips, T, S, S, 3) with HD tiles, -> the B
+    generated answers (text, without </s>)."""
     instructions = list(instructions or [""] * len(questions))
-    ids, mask, slots = self.prompts(questions, instructions, answer_prompt)
+    ids, mask, slots = self.prompts(questions, instructions, answer_prompt,
+                                    clips=videos.shape[1] if videos.ndim == 6 else 1)
     b = len(questions)
     if self.bert is not None:
       pairs = [instruct_lib.tokenize_instruction(self.bert, i + (" " + q if self.spec.question_instruction else ""),

@@ -18,6 +18,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -89,10 +90,30 @@ def compile_config(config) -> dict:
   rng = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=NamedSharding(mesh, P()))
   state_sh = jax.tree.map(lambda x: x.sharding, parts.abstract)
-  exe = loop.compile_step(parts.step_fn, parts.abstract, batch, rng, mesh, parts.rules, state_sh,
-                          {k: v.sharding for k, v in batch.items()}, parts.num_visible)
+  try:
+    exe = loop.compile_step(parts.step_fn, parts.abstract, batch, rng, mesh, parts.rules, state_sh,
+                            {k: v.sharding for k, v in batch.items()}, parts.num_visible)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+      raise
+    return oom_report(str(e), devices, parts.batch_flops(parts.batch, parts.num_visible), config, target,
+                      mesh, time.perf_counter() - t0)
   dt = time.perf_counter() - t0
   return report(exe, devices, parts.batch_flops(parts.batch, parts.num_visible), config, target, mesh, dt)
+
+
+def oom_report(message: str, devices, step_flops: float, config, target: str, mesh, compile_s: float) -> dict:
+  """XLA refused the program at compile time (its temporaries exceed the chip's HBM): the
+  verdict, with XLA's figures."""
+  line = next((ln for ln in message.splitlines() if "memory" in ln.lower()), message.splitlines()[0])
+  res = {"target": target, "device_kind": devices[0].device_kind, "chips": len(devices), "mesh": dict(mesh.shape),
+         "global_batch": int(config.data.batch_size), "compile_s": round(compile_s, 1), "fits": False,
+         "step_tflops_per_chip": step_flops / len(devices) / 1e12, "xla_error": line.strip()}
+  m = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+  if m:
+    res["temporaries_gb"], res["available_gb"] = float(m.group(1)), float(m.group(2))
+  res["verdict"] = f"DOES NOT FIT: XLA refuses the program for this chip ({line.strip()})"
+  return res
 
 
 def report(exe, devices, step_flops: float, config, target: str, mesh, compile_s: float) -> dict:
@@ -118,7 +139,8 @@ def report(exe, devices, step_flops: float, config, target: str, mesh, compile_s
     # Bounds on MFU (model FLOPs / peak): full remat runs the forward twice (4 passes for 3
     # of model FLOPs: <= 75%); and a step cannot beat reading the state and writing it back
     # through HBM. Communication (FSDP all-gathers, gradient reduce-scatters) is not counted.
-    policy = str(config.model.vision.get("remat_policy", "none"))
+    main = config.model.get("llm") or config.model.vision  # the tower with most of the FLOPs
+    policy = str(main.get("remat_policy", "none"))
     res["remat_bound"] = {"full": 0.75, "none": 1.0, "": 1.0}.get(policy, 1.0)
     t_compute = per_chip_flops / (c.peak_tflops * 1e12)
     t_state = 2 * args / (c.hbm_tbps * 1e12)
@@ -135,6 +157,9 @@ def report(exe, devices, step_flops: float, config, target: str, mesh, compile_s
 
 
 def format_report(r: dict) -> str:
+  if "xla_error" in r:
+    return (f"compiling the {r['global_batch']}-clip step for {r['target']} ({r['chips']} x {r['device_kind']}, "
+            f"mesh {r['mesh']}) stopped after {r['compile_s']:.0f}s\n{r['verdict']}")
   lines = [f"compiled the {r['global_batch']}-clip step for {r['target']} ({r['chips']} x {r['device_kind']}, "
            f"mesh {r['mesh']}) in {r['compile_s']:.0f}s",
            f"per chip: arguments {r['arguments_gib']:.2f} GiB + temporaries {r['temporaries_gib']:.2f} GiB "

@@ -98,7 +98,8 @@ def llm_forward(tokens: int, hidden: int, layers: int, heads: int, kv_heads: int
 
 def stage3_train_flops(mc, *, batch: int, text_len: int, head_tokens: int, instruction_len: int = 0) -> float:
   """FLOPs of one stage-3 step: ViT + QFormer + LLM forward, the LM head at `head_tokens`
-  positions, times 3 (forward + backward through activations and weights)."""
+  positions, times 3 (forward + backward through activations and weights). With HD tiling
+  pass batch = examples x clips (the LLM part is then counted per clip: an upper bound)."""
   v, q, m = mc.vision, mc.qformer, mc.llm
   tokens = 1 + (v.num_frames // v.tubelet_size) * (v.img_size // v.patch_size) ** 2
   vision = vit_forward(tokens, v.embed_dim, v.depth, int(v.embed_dim * v.mlp_ratio),

@@ -112,10 +112,15 @@ def check_config(config) -> None:
   """Settings that must agree, checked before any work."""
   m, inst = config.model, config.data.instruct
   queries = int(m.qformer.num_query_tokens) + int(m.qformer.extra_query_tokens)
-  clips = 1 if not int(m.get("hd_num", 0)) else None
-  if clips == 1 and int(inst.get("visual_tokens", 96)) != queries:
+  clips = num_clips(config)
+  if int(inst.get("visual_tokens", 96)) != queries * clips:
     raise ValueError(f"data.instruct.visual_tokens={inst.get('visual_tokens')} must equal the QFormer's "
-                     f"num_query_tokens + extra_query_tokens = {queries}")
+                     f"num_query_tokens + extra_query_tokens = {queries}" +
+                     (f" times the {clips} HD clips (data.load.hd_grid + the global clip)" if clips > 1 else ""))
+  grid = tuple(config.data.get("load", {}).get("hd_grid", ()) or ())
+  if grid and (len(grid) != 2 or grid[0] * grid[1] > int(m.get("hd_num", 0) or grid[0] * grid[1])):
+    raise ValueError(f"data.load.hd_grid={grid} must be (columns, rows) with columns * rows <= "
+                     f"model.hd_num={m.get('hd_num', 0)}")
   if int(m.qformer.encoder_width) != int(m.vision.embed_dim):
     raise ValueError(f"model.qformer.encoder_width={m.qformer.encoder_width} must equal "
                      f"model.vision.embed_dim={m.vision.embed_dim}")
@@ -126,13 +131,21 @@ def check_config(config) -> None:
                      f"{m.qformer.get('text_input', True)} must agree")
 
 
+def num_clips(config) -> int:
+  """Clips per example: 1, or with HD tiling (data.load.hd_grid) the tiles + the global clip."""
+  grid = tuple(config.data.get("load", {}).get("hd_grid", ()) or ())
+  return grid[0] * grid[1] + 1 if len(grid) == 2 else 1
+
+
 def batch_shapes(config) -> dict:
   m, inst = config.model, config.data.instruct
   v = m.vision
   b = int(config.data.batch_size)
   length = int(inst.get("max_txt_l", 512)) + int(inst.get("visual_tokens", 96))
   sds = jax.ShapeDtypeStruct
-  batch = {"video": sds((b, v.num_frames, v.img_size, v.img_size, 3), np.uint8),
+  clips = num_clips(config)
+  frames = (v.num_frames, v.img_size, v.img_size, 3)
+  batch = {"video": sds((b,) + ((clips,) if clips > 1 else ()) + frames, np.uint8),
            "llm_ids": sds((b, length), np.int32), "llm_mask": sds((b, length), np.int32),
            "llm_visual": sds((b, length), np.bool_), "llm_labels": sds((b, length), np.int32)}
   if inst.get("qformer_text", True):
@@ -154,6 +167,8 @@ def step_parts(config, mesh):
   train_model = VideoChat(mc, deterministic=False)
   shapes = batch_shapes(config)
   dummy = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in shapes.items()}
+  if num_clips(config) > 1:  # init on one clip: the params do not depend on the clip count
+    dummy["video"] = dummy["video"][:, 0]
 
   def init_fn():
     return train_model.init({"params": jax.random.key(config.seed), "dropout": jax.random.key(1)},
@@ -172,7 +187,7 @@ def step_parts(config, mesh):
 
   def batch_flops(s, num_visible=None):
     del num_visible
-    return flops.stage3_train_flops(mc, batch=s["video"].shape[0], text_len=s["llm_ids"].shape[1],
+    return flops.stage3_train_flops(mc, batch=s["video"].shape[0] * num_clips(config), text_len=s["llm_ids"].shape[1],
                                     head_tokens=k or s["llm_ids"].shape[1],
                                     instruction_len=s["instruction_ids"].shape[1] if "instruction_ids" in s else 0)
 
@@ -275,7 +290,7 @@ def run(config, workdir: str) -> dict:
                      flops_per_step=parts.flops_per_step, evaluate=eval_fn, finish=finish)
   t0 = time.perf_counter()
   results = loop.train(config, workdir, setup)
-  if jax.process_index() == 0 and results:
+  if jax.process_index() == 0 and "step" in results:
     print(f"\nafter {results.get('step')} steps ({(time.perf_counter() - t0) / 60:.1f} min):")
     print(qa_eval.format_results(results))
   return results
