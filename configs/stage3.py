@@ -106,14 +106,16 @@ def get_config(arg=None):
                                hidden_dropout=0.0, attention_dropout=0.0, drop_path_rate=0.0,
                                max_position_embeddings=64)
     m.llm = llm_preset("small")
-    d.synthetic_dir = "data/synthetic"
+    d.synthetic_dir = "data/synthetic"   # the stage-2 demo's corpus (written here if missing)
+    d.synthetic_radius = (0.22, 0.3)
     d.corpora = ({"format": "json", "path": "data/synthetic/train_qa.json", "data_root": "data/synthetic",
                   "cache_frames": 32},)
     d.batch_size = 16
     d.num_workers = 0
     d.read_threads = 2
-    d.instruct = {"max_txt_l": 160, "visual_tokens": 16, "qformer_text": True, "instruction_l": 16}
-    t.max_label_tokens = 48
+    # whole conversations (8 turns, ~250 text tokens, ~52 answer tokens) fit untruncated
+    d.instruct = {"max_txt_l": 264, "visual_tokens": 16, "qformer_text": True, "instruction_l": 16}
+    t.max_label_tokens = 64
     t.total_steps = 600
     t.log_every = 25
     t.checkpoint_every = 200

@@ -213,7 +213,7 @@ def test_stage3_pipeline_end_to_end(corpus, tok, tmp_path):
   for i in range(4):
     text, answers = I.decode_example(tok, {k: v[i] for k, v in b.items()})
     assert "frames sampled at" in text and answers.endswith("</s>")
-    assert text.startswith("<s> " + synthetic.QA_INSTRUCTION)
+    assert text.startswith(("<s> " + synthetic.QA_INSTRUCTION, "<s> " + synthetic.MC_INSTRUCTION))
   # Deterministic for the seed (shuffled QA order included); evaluation keeps the row order.
   again = next(iter(P.make_pipeline(_cfg(corpora), model, stage="stage3")))
   for k in b:

@@ -151,3 +151,24 @@ def test_stage1_two_hosts_resume_a_one_host_checkpoint(corpus, tmp_path):
   outs = finish(start_2x4(args, b))
   assert "at step 2 on 2 process(es)" in outs[0]
   same_export(ref, b, "stage1_official_layout.safetensors")
+
+
+def test_stage3_two_hosts_resume_a_one_host_checkpoint_with_gathered_qa_eval(corpus, tmp_path):
+  """Stage 3 (QFormer + LoRA LLM, FSDP over both hosts): a 1-host checkpoint finished by 2
+  hosts gives the uninterrupted run's export; the QA evaluation's generation runs on global
+  arrays across the hosts and agrees with the single-process one."""
+  args = ["--config=configs/stage3.py:size=tiny", "--config.mesh.data=1", "--config.mesh.fsdp=8",
+          f"--config.data.corpora=({{'format': 'json', 'path': '{corpus}/train_qa.json', 'data_root': '{corpus}'}},)",
+          f"--config.eval.qa.path={corpus}/val_qa.json", f"--config.eval.qa.data_root={corpus}",
+          "--config.eval.qa.limit=2", "--config.train.total_steps=4", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=2"]
+  ref = tmp_path / "ref"
+  out = run_1x8(args, ref)
+  assert "multiple choice:" in out
+  b = tmp_path / "b"
+  copy_checkpoint(ref, b, 2)
+  outs = finish(start_2x4(args, b))
+  assert "at step 2 on 2 process(es)" in outs[0]
+  same_export(ref, b, "stage3_official_layout.safetensors")
+  pick = lambda text: [ln for ln in text.splitlines() if ln.startswith(("multiple choice", "free-form", "  Q:"))]  # noqa: E731
+  assert pick(outs[0]) == pick(out) and pick(out)

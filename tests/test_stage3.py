@@ -167,3 +167,20 @@ def test_hd_grid_choice_tiles_and_clip_tokens():
   assert toks.shape == (1, 3 * 8, 64)
   one = model.apply({"params": params}, video[:, 1], method=VideoChat.encode_video)
   np.testing.assert_allclose(toks[:, 8:16], one, atol=1e-5)
+
+
+def test_multiple_choice_prompts_and_scoring():
+  from internvideo2_jax.data import instruct as I
+  from internvideo2_jax.evaluate import qa
+  turn = synthetic.multiple_choice("Which way does the shape move?", ["up", "left", "down", "right"], "down")
+  assert turn["q"].startswith("Question: Which way does the shape move?\nOptions:\n(A) up\n(B) left\n")
+  assert turn["q"].endswith("Only give the best option.") and turn["a"] == "Best option:(C) down"
+  assert qa.is_multiple_choice(turn["q"]) and not qa.is_multiple_choice("What colour is it?")
+  assert qa.choice_letter(turn["a"]) == "C" and qa.choice_letter("C) down") == "C" and qa.choice_letter("") == ""
+  assert qa.normalise_answer(" It moves LEFT. </s>") == "it moves left"
+  tok = I.load_llm_tokenizer()
+  ids = I.tokenize_prompt(tok, turn["q"], "video", I.InstructSpec(visual_tokens=3), instruction=turn["i"],
+                          answer_prompt=qa.ANSWER_PROMPT)
+  assert (ids == -1).sum() == 3 and tok.decode(ids[ids >= 0]).endswith("[/INST] Best option:(")
+  with pytest.raises(ValueError, match="question is empty"):
+    I.tokenize_prompt(tok, " ", "video", I.InstructSpec())

@@ -162,10 +162,17 @@ def multiple_choice(question: str, options: list[str], answer: str) -> dict:
   return {"i": MC_INSTRUCTION, "q": q, "a": f"Best option:({letters[k]}) {answer}"}
 
 
+def _options(rng: np.random.Generator, answer: str, pool, n: int = 4) -> list[str]:
+  others = [x for x in pool if x != answer]
+  picked = [others[j] for j in rng.permutation(len(others))[:n - 1]] + [answer]
+  return [picked[j] for j in rng.permutation(len(picked))]
+
+
 def qa_for(shape: str, colour: str, direction: str, sound: str,
            rng: Optional[np.random.Generator] = None) -> list[dict]:
   """VideoChat2-style QA pairs about one clip ("none" sound = no audio track: not asked), and
-  with `rng` a multiple-choice question on the direction (options in a random order)."""
+  with `rng` multiple-choice questions on the direction, colour and shape (4 options each, in
+  a random order)."""
   verb = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down"}[direction]
   qa = [{"i": QA_INSTRUCTION, "q": "What colour is the shape?", "a": colour},
         {"i": QA_INSTRUCTION, "q": "What shape is in the video?", "a": f"a {shape}"},
@@ -174,9 +181,29 @@ def qa_for(shape: str, colour: str, direction: str, sound: str,
   if sound != "none":
     qa.append({"i": QA_INSTRUCTION, "q": "What can be heard?", "a": SOUNDS[sound][0]})
   if rng is not None:
-    options = [list(DIRECTIONS)[j] for j in rng.permutation(len(DIRECTIONS))]
-    qa.append(multiple_choice(MC_QUESTION, options, direction))
+    qa.append(multiple_choice(MC_QUESTION, _options(rng, direction, list(DIRECTIONS)), direction))
+    qa.append(multiple_choice("What colour is the shape?", _options(rng, colour, list(COLOURS)), colour))
+    qa.append(multiple_choice("What shape is in the video?", _options(rng, shape, list(SHAPES)), shape))
   return qa
+
+
+def write_qa(out: str, seed: int = 0) -> dict:
+  """(Re)writes {split}_qa.json from the clips' {split}.json rows (deterministic for the seed;
+  the options' order has its own random stream, so the clips never change)."""
+  paths = {}
+  for split in ("train", "val"):
+    src = os.path.join(out, f"{split}.json")
+    if not os.path.exists(src):
+      continue
+    with open(src) as f:
+      rows = json.load(f)
+    qa_rows = [{"video": r["video"], "QA": qa_for(r["shape"], r["colour"], r["direction"], r["sound"],
+                                                  np.random.default_rng([seed, i, 0 if split == "train" else 1]))}
+               for i, r in enumerate(rows)]
+    paths[f"{split}_qa"] = os.path.join(out, f"{split}_qa.json")
+    with open(paths[f"{split}_qa"], "w") as f:
+      json.dump(qa_rows, f, indent=0)
+  return paths
 
 
 def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0, seed: int = 0,
@@ -197,7 +224,7 @@ def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0,
   combos = [(sh, co, di) for sh in SHAPES for co in colours for di in dirs]
   val_order = [combos[j] for j in rng.permutation(len(combos))]
   for split, n in (("train", train), ("val", val)):
-    rows, qa_rows = [], []
+    rows = []
     for i in range(n):
       if split == "val":
         shape, colour, direction = val_order[i % len(val_order)]
@@ -215,17 +242,12 @@ def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0,
              "shape": shape, "colour": colour, "direction": direction,
              "sound": sound if has_track else "none", "label": dirs.index(direction)}
       rows.append(row)
-      # the options' order has its own stream: the clips stay those of earlier versions
-      mc_rng = np.random.default_rng([seed, i, 0 if split == "train" else 1])
-      qa_rows.append({"video": rel, "QA": qa_for(shape, colour, direction, row["sound"], mc_rng)})
       if split == "train":
         csv_rows.append(f"synthetic {rel} {num_frames / fps:.3f} 0.0 {num_frames / fps:.3f} {row['label']}")
     paths[split] = os.path.join(out, f"{split}.json")
     with open(paths[split], "w") as f:
       json.dump(rows, f, indent=0)
-    paths[f"{split}_qa"] = os.path.join(out, f"{split}_qa.json")
-    with open(paths[f"{split}_qa"], "w") as f:
-      json.dump(qa_rows, f, indent=0)
+  paths.update(write_qa(out, seed))
   if val_av:
     rows = []
     audible = [k for k in SOUNDS if k != "silent"]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvideo2_jax.models.llm import LLM
+from internvideo2_jax.parallel.sharding import to_host
 
 
 def sample_token(logits, rng, temperature: float, top_p: float):
@@ -88,7 +89,7 @@ class Generator:
     token, cache, buf_mask, n_real = self._prefill(params, embeds, mask, sub)
     out, done = [], np.zeros(b, bool)
     for i in range(self.max_new):
-      tok = np.asarray(token)
+      tok = to_host(token)  # the same on every process (a gather when the array spans hosts)
       tok = np.where(done, self.pad_id, tok)
       out.append(tok)
       if on_token is not None:

@@ -50,7 +50,7 @@ _PRESETS = {
                        max_position_embeddings=32768, rms_norm_eps=1e-5),
     # a small model trained from scratch in the demo (the Mistral v0.3 vocabulary)
     "small": dict(family="mistral", vocab_size=32768, hidden_size=128, intermediate_size=384,
-                  num_layers=2, num_heads=4, num_kv_heads=2, rope_theta=1e6,
+                  num_layers=3, num_heads=4, num_kv_heads=2, rope_theta=1e6,
                   max_position_embeddings=1024, rms_norm_eps=1e-5),
     "tiny": dict(family="mistral", vocab_size=128, hidden_size=64, intermediate_size=112,
                  num_layers=2, num_heads=4, num_kv_heads=2, rope_theta=1e6,

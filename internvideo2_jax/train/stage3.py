@@ -198,16 +198,19 @@ def step_parts(config, mesh):
 
 
 def _write_synthetic(config) -> None:
+  """The synthetic corpus (the stage-2 demo's, if it ran), its QA files always rewritten from
+  the clip rows: a corpus from an older version gets the current questions."""
   data = config.data
   root = data.synthetic_dir
-  if os.path.exists(os.path.join(root, "val_qa.json")):
-    return
   if jax.process_index() == 0:
     from internvideo2_jax.data import synthetic
-    print(f"writing the synthetic corpus to {root} ...", flush=True)
-    synthetic.write_corpus(root, train=int(data.synthetic_train), val=int(data.synthetic_val),
-                           seed=int(config.seed), num_frames=16, size=int(data.synthetic_size),
-                           radius=tuple(data.get("synthetic_radius", (0.22, 0.3))))
+    if not os.path.exists(os.path.join(root, "val.json")):
+      print(f"writing the synthetic corpus to {root} ...", flush=True)
+      synthetic.write_corpus(root, train=int(data.synthetic_train), val=int(data.synthetic_val),
+                             seed=int(config.seed), num_frames=16, size=int(data.synthetic_size),
+                             radius=tuple(data.get("synthetic_radius", (0.22, 0.3))))
+    else:
+      synthetic.write_qa(root, seed=int(config.seed))
   distributed.sync("synthetic corpus written")
 
 
