@@ -113,9 +113,9 @@ def get_config(arg=None):
     d.batch_size = 16
     d.num_workers = 0
     d.read_threads = 2
-    # whole conversations (8 turns, ~250 text tokens, ~52 answer tokens) fit untruncated
-    d.instruct = {"max_txt_l": 264, "visual_tokens": 16, "qformer_text": True, "instruction_l": 16}
-    t.max_label_tokens = 64
+    # whole conversations (6 turns, <= 150 text tokens, <= 35 answer tokens) fit untruncated
+    d.instruct = {"max_txt_l": 160, "visual_tokens": 16, "qformer_text": True, "instruction_l": 16}
+    t.max_label_tokens = 40
     t.total_steps = 600
     t.log_every = 25
     t.checkpoint_every = 200

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import (CheckpointError, KeyReader, RenamedView, load_state_dict,
+from internvideo2_jax.convert.io import (CheckpointError, KeyReader, RenamedView, leaf_writer, load_state_dict,
                                         mismatch_error, select)
 from internvideo2_jax.models.text import TextSpec, text_preset
 
@@ -105,14 +105,7 @@ def bert_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
   params: dict = {}
   reader = KeyReader(sd)
 
-  def put(path, value):
-    if sink is not None:
-      sink(path, value)
-      return
-    t = params
-    for p in path[:-1]:
-      t = t.setdefault(p, {})
-    t[path[-1]] = value
+  put = leaf_writer(params, sink)
 
   def get_base(path):
     t = base

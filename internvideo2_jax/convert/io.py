@@ -173,6 +173,28 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
       np.savez(f, **arrays)
 
 
+def set_path(tree: dict, path, value) -> None:
+  """tree[path[0]][path[1]]... = value, creating the inner dicts."""
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def leaf_writer(tree: dict, sink: Optional[Callable] = None, prefix: tuple = ()) -> Callable:
+  """`put(path, value)` for a converter: to `sink(prefix + path, value)` when given (streaming
+  into sharded arrays, one leaf on the host at a time), else into the nested dict `tree`.
+  None values (a tensor that was missing; already reported) are skipped."""
+  def put(path, value):
+    if value is None:
+      return
+    full = tuple(prefix) + tuple(path)
+    if sink is not None:
+      sink(full, value)
+    else:
+      set_path(tree, full, value)
+  return put
+
+
 def select(state_dict: Mapping[str, np.ndarray], keep: Callable[[str], bool]) -> Mapping[str, np.ndarray]:
   """The keys for which `keep(key)` holds. A view: no tensor is read."""
   return RenamedView(state_dict, {k: k for k in state_dict if keep(k)})

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import CheckpointError, KeyReader, LazyStateDict, mismatch_error
+from internvideo2_jax.convert.io import CheckpointError, KeyReader, LazyStateDict, leaf_writer, mismatch_error
 from internvideo2_jax.models.llm import LLMSpec, merge_lora
 
 _ARCHS = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -133,13 +133,7 @@ def llm_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
   reader = KeyReader(state_dict)
   params: dict = {}
 
-  def put(path, value):
-    if sink is not None:
-      return sink(path, value)
-    t = params
-    for k in path[:-1]:
-      t = t.setdefault(k, {})
-    t[path[-1]] = value
+  put = leaf_writer(params, sink)
 
   for key, path, shape, to_ours, _ in top:
     v = reader.take(prefix + key, shape)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import CheckpointError, mismatch_error, strip_prefix
+from internvideo2_jax.convert.io import CheckpointError, leaf_writer, mismatch_error, set_path, strip_prefix
 from internvideo2_jax.models.embeddings import resize_bicubic, resize_linear, resize_pos_embed
 from internvideo2_jax.models.vit import ViTSpec
 
@@ -98,12 +98,6 @@ def _rules(s: ViTSpec) -> tuple[list[Rule], list[Rule]]:
     block += [("attn.q_norm.weight", ("attn", "q_norm", "weight"), (d,), *_same),
               ("attn.k_norm.weight", ("attn", "k_norm", "weight"), (d,), *_same)]
   return top, block
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
 
 
 def _get(tree: Mapping, path: tuple[str, ...]):
@@ -204,7 +198,7 @@ def vision_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
         return None
     return to_ours(value)
 
-  put = sink or (lambda path, value: _set(params, path, value))
+  put = leaf_writer(params, sink)
   for key, path, shape, to_ours, _ in top:
     value = take(key, path, shape, to_ours)
     if value is not None:
@@ -293,7 +287,7 @@ def _take_heads(sd, rules, params, what, optional=(), base=None):
   for key, path, shape, to_ours, _ in rules:
     if key not in sd:
       if key.startswith(tuple(optional)) and base is not None:
-        _set(params, path, np.asarray(_get(base.get("params", base), path)))
+        set_path(params, path, np.asarray(_get(base.get("params", base), path)))
       else:
         missing.append(key)
       continue
@@ -301,7 +295,7 @@ def _take_heads(sd, rules, params, what, optional=(), base=None):
     if value.shape != shape:
       missing.append(f"{key} (shape {value.shape}, expected {shape})")
       continue
-    _set(params, path, to_ours(value))
+    set_path(params, path, to_ours(value))
   if missing:
     raise CheckpointError(f"{what}: missing or mis-shaped heads: {', '.join(missing)}")
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import KeyReader, RenamedView, mismatch_error, strip_prefix
+from internvideo2_jax.convert.io import KeyReader, RenamedView, leaf_writer, mismatch_error, strip_prefix
 from internvideo2_jax.convert.official import vision_from_state_dict
 
 Sink = Callable[[tuple, np.ndarray], None]
@@ -46,16 +46,7 @@ def mae_teacher_from_state_dict(state_dict: Mapping[str, np.ndarray], config: An
   take = reader.take
   params: dict = {}
 
-  def put(path, value):
-    if value is None:
-      return
-    if sink is not None:
-      sink(path, value)
-      return
-    t = params
-    for k in path[:-1]:
-      t = t.setdefault(k, {})
-    t[path[-1]] = value
+  put = leaf_writer(params, sink)
 
   def stack(path, fmt, shape, fn):  # one leaf: the per-layer tensors stacked on the scan axis
     vals = [take(fmt.format(i), shape) for i in range(depth)]

@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import KeyReader, RenamedView, mismatch_error, save_state_dict, strip_prefix
+from internvideo2_jax.convert.io import (KeyReader, RenamedView, leaf_writer, mismatch_error, save_state_dict,
+                                        strip_prefix)
 from internvideo2_jax.convert.llm import llm_from_state_dict, llm_to_state_dict, save_hf_llm
 from internvideo2_jax.convert.official import vision_from_state_dict, vision_to_state_dict
 from internvideo2_jax.convert.qformer import qformer_from_state_dict, qformer_to_state_dict
@@ -73,15 +74,7 @@ def videochat_from_state_dict(state_dict: Mapping[str, np.ndarray], mc: Any, *,
   out: dict = {}
 
   def put_under(prefix):
-    def put(path, value):
-      full = tuple(prefix) + tuple(path)
-      if sink is not None:
-        return sink(full, value)
-      t = out
-      for k in full[:-1]:
-        t = t.setdefault(k, {})
-      t[full[-1]] = value
-    return put
+    return leaf_writer(out, sink, prefix)
 
   sd = state_dict
   vision_from_state_dict(strip_prefix(sd, "vision_encoder."), mc.vision, strict=False,

@@ -162,17 +162,12 @@ def multiple_choice(question: str, options: list[str], answer: str) -> dict:
   return {"i": MC_INSTRUCTION, "q": q, "a": f"Best option:({letters[k]}) {answer}"}
 
 
-def _options(rng: np.random.Generator, answer: str, pool, n: int = 4) -> list[str]:
-  others = [x for x in pool if x != answer]
-  picked = [others[j] for j in rng.permutation(len(others))[:n - 1]] + [answer]
-  return [picked[j] for j in rng.permutation(len(picked))]
-
-
-def qa_for(shape: str, colour: str, direction: str, sound: str,
-           rng: Optional[np.random.Generator] = None) -> list[dict]:
+def qa_for(shape: str, colour: str, direction: str, sound: str, mc: bool = True) -> list[dict]:
   """VideoChat2-style QA pairs about one clip ("none" sound = no audio track: not asked), and
-  with `rng` multiple-choice questions on the direction, colour and shape (4 options each, in
-  a random order)."""
+  with `mc` an MVBench-style multiple-choice question on the direction. Its options come in one
+  fixed order ((A) left (B) right (C) up (D) down): the letter still needs the motion seen
+  (chance 25%) without asking a tiny LLM trained from scratch to read shuffled option lists
+  (the demo's 3-layer LLM does not learn that in 10 minutes: 21-27% with shuffled options)."""
   verb = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down"}[direction]
   qa = [{"i": QA_INSTRUCTION, "q": "What colour is the shape?", "a": colour},
         {"i": QA_INSTRUCTION, "q": "What shape is in the video?", "a": f"a {shape}"},
@@ -180,16 +175,13 @@ def qa_for(shape: str, colour: str, direction: str, sound: str,
         {"i": QA_INSTRUCTION, "q": "Describe the video.", "a": f"A {colour} {shape} {verb}."}]
   if sound != "none":
     qa.append({"i": QA_INSTRUCTION, "q": "What can be heard?", "a": SOUNDS[sound][0]})
-  if rng is not None:
-    qa.append(multiple_choice(MC_QUESTION, _options(rng, direction, list(DIRECTIONS)), direction))
-    qa.append(multiple_choice("What colour is the shape?", _options(rng, colour, list(COLOURS)), colour))
-    qa.append(multiple_choice("What shape is in the video?", _options(rng, shape, list(SHAPES)), shape))
+  if mc:
+    qa.append(multiple_choice(MC_QUESTION, list(DIRECTIONS), direction))
   return qa
 
 
-def write_qa(out: str, seed: int = 0) -> dict:
-  """(Re)writes {split}_qa.json from the clips' {split}.json rows (deterministic for the seed;
-  the options' order has its own random stream, so the clips never change)."""
+def write_qa(out: str) -> dict:
+  """(Re)writes {split}_qa.json from the clips' {split}.json rows."""
   paths = {}
   for split in ("train", "val"):
     src = os.path.join(out, f"{split}.json")
@@ -197,9 +189,8 @@ def write_qa(out: str, seed: int = 0) -> dict:
       continue
     with open(src) as f:
       rows = json.load(f)
-    qa_rows = [{"video": r["video"], "QA": qa_for(r["shape"], r["colour"], r["direction"], r["sound"],
-                                                  np.random.default_rng([seed, i, 0 if split == "train" else 1]))}
-               for i, r in enumerate(rows)]
+    qa_rows = [{"video": r["video"], "QA": qa_for(r["shape"], r["colour"], r["direction"], r["sound"])}
+               for r in rows]
     paths[f"{split}_qa"] = os.path.join(out, f"{split}_qa.json")
     with open(paths[f"{split}_qa"], "w") as f:
       json.dump(qa_rows, f, indent=0)
@@ -247,7 +238,7 @@ def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0,
     paths[split] = os.path.join(out, f"{split}.json")
     with open(paths[split], "w") as f:
       json.dump(rows, f, indent=0)
-  paths.update(write_qa(out, seed))
+  paths.update(write_qa(out))
   if val_av:
     rows = []
     audible = [k for k in SOUNDS if k != "silent"]

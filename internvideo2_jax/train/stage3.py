@@ -210,7 +210,7 @@ def _write_synthetic(config) -> None:
                              seed=int(config.seed), num_frames=16, size=int(data.synthetic_size),
                              radius=tuple(data.get("synthetic_radius", (0.22, 0.3))))
     else:
-      synthetic.write_qa(root, seed=int(config.seed))
+      synthetic.write_qa(root)
   distributed.sync("synthetic corpus written")
 
 
