@@ -70,7 +70,7 @@ def get_config(arg=None):
   o = c.optimizer = ml_collections.ConfigDict()
   o.lr = 2e-5
   o.min_lr_multi = 0.25
-  o.warmup_steps = 600
+  o.warmup_steps = 600      # official: 0.6 epoch; set 0.6 x (corpus size / batch_size) for yours
   o.total_steps = t.get_ref("total_steps")
   o.schedule = "cosine"
   o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
