@@ -42,6 +42,15 @@ def preset(kind: str, presets: dict, defaults: dict, name: str, overrides: dict)
   return cfg
 
 
+def with_defaults(kind: str, config, defaults: dict) -> dict:
+  """A model config (dict or ConfigDict) over its defaults, unknown keys reported by name."""
+  c = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+  unknown = sorted(set(c) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown {kind} config keys {unknown}; valid keys: {sorted(defaults)}")
+  return dict(defaults, **c)
+
+
 def add_runtime(c: ml_collections.ConfigDict, *, step: str = "") -> ml_collections.ConfigDict:
   """The settings every job shares: multi-host start, compilation cache, and `job=compile`.
 

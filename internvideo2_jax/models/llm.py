@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
-from internvideo2_jax.config_utils import preset
+from internvideo2_jax.config_utils import preset, with_defaults
 from internvideo2_jax.models import remat
 from internvideo2_jax.models.layers import RMSNorm, param_with_axes
 from internvideo2_jax.ops.attention import dot_product_attention
@@ -98,11 +98,7 @@ class LLMSpec:
 
   @classmethod
   def from_config(cls, config: Mapping | ml_collections.ConfigDict) -> "LLMSpec":
-    c = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-    unknown = sorted(set(c) - set(_DEFAULTS))
-    if unknown:
-      raise ValueError(f"unknown llm config keys {unknown}; valid keys: {sorted(_DEFAULTS)}")
-    c = dict(_DEFAULTS, **c)
+    c = with_defaults("llm", config, _DEFAULTS)
     bad = lambda msg: ValueError(f"invalid llm config: {msg}")  # noqa: E731
     if c["family"] not in FAMILIES:
       raise bad(f"family={c['family']!r} must be one of {FAMILIES}")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from internvideo2_jax.config_utils import preset
+from internvideo2_jax.config_utils import preset, with_defaults
 from internvideo2_jax.models.layers import LayerNorm, param_with_axes
 from internvideo2_jax.models.text import Attention, Embed, TextSpec, _Intermediate, _Output, _self_bias
 
@@ -44,10 +44,7 @@ def qformer_preset(name: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def text_spec(config: Any) -> TextSpec:
-  c = dict(_DEFAULTS, **dict(config.to_dict() if hasattr(config, "to_dict") else config))
-  unknown = sorted(set(c) - set(_DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown qformer config keys {unknown}; valid keys: {sorted(_DEFAULTS)}")
+  c = with_defaults("qformer", config, _DEFAULTS)
   if c["cross_attention_freq"] < 1:
     raise ValueError(f"invalid qformer config: cross_attention_freq={c['cross_attention_freq']} must be >= 1")
   return TextSpec.from_config(dict(
@@ -91,7 +88,7 @@ class QFormer(nn.Module):
 
   @nn.compact
   def __call__(self, memory, ids=None, mask=None):
-    c = dict(_DEFAULTS, **dict(self.config.to_dict() if hasattr(self.config, "to_dict") else self.config))
+    c = with_defaults("qformer", self.config, _DEFAULTS)
     s = text_spec(self.config)
     b, h = memory.shape[0], s.hidden_size
     if memory.shape[-1] != s.encoder_width:

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from internvideo2_jax.config_utils import preset
+from internvideo2_jax.config_utils import preset, with_defaults
 from internvideo2_jax.models import remat
 from internvideo2_jax.models.layers import LayerNorm, Linear, drop_path, gelu, param_with_axes
 from internvideo2_jax.ops.attention import dot_product_attention
@@ -74,11 +74,7 @@ class TextSpec:
 
   @classmethod
   def from_config(cls, config: Mapping | ml_collections.ConfigDict) -> "TextSpec":
-    c = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-    unknown = sorted(set(c) - set(_DEFAULTS))
-    if unknown:
-      raise ValueError(f"unknown text config keys {unknown}; valid keys: {sorted(_DEFAULTS)}")
-    c = dict(_DEFAULTS, **c)
+    c = with_defaults("text", config, _DEFAULTS)
     h, n = int(c["hidden_size"]), int(c["num_heads"])
     if h % n:
       raise ValueError(f"invalid text config: hidden_size={h} must be divisible by num_heads={n}")

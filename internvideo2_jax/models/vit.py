@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from internvideo2_jax.config_utils import preset
+from internvideo2_jax.config_utils import preset, with_defaults
 from internvideo2_jax.models import remat
 from internvideo2_jax.models.embeddings import PatchEmbed, sincos_2d, sincos_3d, sincos_1d
 from internvideo2_jax.models.heads import AttentionPoolingBlock
@@ -115,11 +115,7 @@ class ViTSpec:
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any] | ml_collections.ConfigDict) -> "ViTSpec":
-    c = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-    unknown = sorted(set(c) - set(_DEFAULTS))
-    if unknown:
-      raise ValueError(f"unknown ViT config keys {unknown}; valid keys: {sorted(_DEFAULTS)}")
-    c = dict(_DEFAULTS, **c)
+    c = with_defaults("ViT", config, _DEFAULTS)
 
     def need(ok, msg):
       if not ok:
