@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from internvideo2_jax.data import audio as audio_lib, instruct, masks, sources, text as text_lib, transforms
+from internvideo2_jax.data.image import read_image
 from internvideo2_jax.data.video import VideoFile, VideoReadError, frame_indices, segment_indices
 
 # Skip reasons, in the order of the `skipped` counts vector of every batch.
@@ -83,9 +84,12 @@ def _decode(rec: dict, spec: LoadSpec, rng: np.random.Generator, size) -> tuple[
     clip = cached[idx]
     times = np.asarray(rec.get("frame_times", np.arange(len(cached)) / 30.0))[idx]
     return (clip if size is None else transforms.resize(clip, *size)), times
+  if rec["media"] == "image":  # through the image decoder (PyAV's seeking path fails on JPEGs)
+    img = read_image(rec["data"] or rec["path"], name=rec["path"] or rec["key"])[None]
+    if size is not None:
+      img = transforms.resize(img, *size)
+    return np.repeat(img, spec.image_frames, axis=0), np.zeros(spec.image_frames, np.float32)
   with _open(rec) as v:
-    if rec["media"] == "image":
-      return np.repeat(v.read([0], size=size), spec.image_frames, axis=0), np.zeros(spec.image_frames, np.float32)
     n = v.num_frames()
     start, end = 0, n
     if rec["start_frame"] >= 0 or rec["end_frame"] >= 0:

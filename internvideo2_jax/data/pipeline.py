@@ -91,6 +91,7 @@ class RobustLoad(grain.MapDataset):
     skipped = np.zeros(len(REASONS), np.int32)
     n = len(self._parent)
     last = None
+    examples: dict[str, list[str]] = {}
     for attempt in range(self._max_tries):
       # Replacement candidates stride through the corpus so a bad region is left quickly.
       j = index if attempt == 0 else (index + attempt * 7919) % n
@@ -110,12 +111,18 @@ class RobustLoad(grain.MapDataset):
         example["sample_id"] = _sample_id(rec, self._spec)
         return example
       skipped[REASONS.index(last.reason)] += 1
+      examples.setdefault(last.reason, [])
+      if len(examples[last.reason]) < 2:
+        examples[last.reason].append(str(last))
       key = str(last).split(":")[0]
       if key not in _logged_keys:
         _logged_keys.add(key)
         log.warning("skipping example (%s): %s", last.reason, last)
-    raise RuntimeError(f"{self._max_tries} candidates in a row were unusable around example "
-                       f"{index}; last: {last}. Check the corpus paths (data_root).")
+    why = "; ".join(f"{REASONS[r]} x{int(c)} (e.g. {' | '.join(examples[REASONS[r]])})"
+                    for r, c in sorted(enumerate(skipped), key=lambda x: -x[1]) if c)
+    raise RuntimeError(f"{self._max_tries} candidates in a row were unusable around example {index}: "
+                       f"{why}. Paths not found point at data_root; decode errors at the files "
+                       f"themselves.")
 
 
 def _fields(cls, d: dict, where: str) -> dict:

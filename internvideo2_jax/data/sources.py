@@ -307,13 +307,19 @@ def cache_frames(records, size: int, *, max_frames: int = 64, progress: bool = T
   for i in range(n):
     rec = dict(records[i])
     try:
-      with VideoFile(rec["data"] or rec["path"], name=rec["path"] or rec["key"]) as v:
-        count = 1 if rec["media"] == "image" else v.num_frames()
-        idx = list(range(count)) if count <= max_frames else \
-            [int(j) for j in np.linspace(0, count - 1, max_frames).round()]
-        rec["frames"] = v.read(idx, size=(size, size))
-        rec["frame_times"] = np.asarray(idx, np.float32) / (v.fps or 30.0)
-        rec["data"] = b""
+      if rec["media"] == "image":
+        from internvideo2_jax.data.image import read_image
+        from internvideo2_jax.data.transforms import resize
+        rec["frames"] = resize(read_image(rec["data"] or rec["path"], name=rec["path"] or rec["key"])[None], size, size)
+        rec["frame_times"] = np.zeros(1, np.float32)
+      else:
+        with VideoFile(rec["data"] or rec["path"], name=rec["path"] or rec["key"]) as v:
+          count = v.num_frames()
+          idx = list(range(count)) if count <= max_frames else \
+              [int(j) for j in np.linspace(0, count - 1, max_frames).round()]
+          rec["frames"] = v.read(idx, size=(size, size))
+          rec["frame_times"] = np.asarray(idx, np.float32) / (v.fps or 30.0)
+      rec["data"] = b""
       out.append(rec)
     except (VideoReadError, ValueError) as e:
       failed.append(str(e))
