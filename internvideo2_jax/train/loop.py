@@ -104,9 +104,17 @@ def memory_report(compiled) -> str:
 def train(cfg, workdir: str, setup: Setup) -> dict:
   """Runs (or resumes) training; returns the last eval results."""
   tc = cfg.train
-  mesh, rules = setup.mesh, setup.rules
   writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)),
                         total_steps=int(tc.total_steps), enabled=jax.process_index() == 0)
+  try:  # the writers' threads are closed on every path, failed starts included
+    return _train(cfg, workdir, setup, writer)
+  finally:
+    writer.close()
+
+
+def _train(cfg, workdir: str, setup: Setup, writer: MetricWriter) -> dict:
+  tc = cfg.train
+  mesh, rules = setup.mesh, setup.rules
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(tc.get("keep_checkpoints", 2)),
                       async_save=bool(tc.get("async_checkpoints", True)))
   state = setup.state
@@ -116,6 +124,7 @@ def train(cfg, workdir: str, setup: Setup) -> dict:
     state, start = ckpt.restore(state)
     print(f"resumed from {ckpt.directory} at step {start} on {jax.process_count()} process(es) x "
           f"{jax.local_device_count()} devices", flush=True)
+  writer.truncate_after(start)  # records of steps the resumed run will redo are dropped
   it = iter(setup.data(start))
   repl = NamedSharding(mesh, P())
   compiled = {}
@@ -138,10 +147,7 @@ def train(cfg, workdir: str, setup: Setup) -> dict:
       compiled[key] = exe
     return compiled[key], batch
 
-  try:
-    return _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time)
-  finally:
-    writer.close()
+  return _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time)
     ckpt.close()
 
 

@@ -51,6 +51,23 @@ class MetricWriter:
       where = f"{step:>{width}}/{self._total} {100 * step / self._total:3.0f}%" if self._total else f"{step:>6}"
       print(f"[{where}] " + "  ".join(f"{k}={_fmt(v)}" for k, v in vals.items()), flush=True)
 
+  def truncate_after(self, step: int) -> None:
+    """Drops the JSONL records of steps after `step` (a resumed run logs them again), so the
+    file holds one record per step and kind. Object stores (one file per start) need nothing."""
+    if not self.enabled or self._jsonl is None or not self.jsonl_path.endswith("metrics.jsonl"):
+      return
+    self._jsonl.close()
+    path = epath.Path(self.jsonl_path)
+    keep = []
+    for line in path.read_text().splitlines():
+      try:
+        if int(json.loads(line).get("step", 0)) <= step:
+          keep.append(line)
+      except (ValueError, AttributeError):
+        continue  # a line cut by a kill mid-write
+    path.write_text("".join(x + "\n" for x in keep))
+    self._jsonl = path.open("a")
+
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
