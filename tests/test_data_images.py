@@ -108,3 +108,28 @@ def test_jpeg_image_text_corpus_trains_and_bad_runs_say_why(images, tmp_path):
   ann.write_text(json.dumps([{"image": f"nope_{i}.jpg", "caption": "x"} for i in range(20)]))
   with pytest.raises(RuntimeError, match=r"missing_file x\d+ \(e\.g\. .*nope_\d+\.jpg.*\|.*nope_\d+\.jpg"):
     next(iter(P.make_pipeline(cfg, vit_preset("tiny", num_frames=4), stage="stage2")))
+
+
+def test_paths_outside_the_data_root_are_refused_unless_allowed(tmp_path):
+  from internvideo2_jax.data import sources
+  root = tmp_path / "root"
+  (root / "sub").mkdir(parents=True)
+  outside = tmp_path / "secret.jpg"
+  Image.fromarray(_picture()).save(outside)
+  Image.fromarray(_picture()).save(root / "sub" / "ok.jpg")
+  (root / "link.jpg").symlink_to(outside)
+  rows = [{"image": "sub/ok.jpg", "caption": "in"}, {"image": "../secret.jpg", "caption": "up"},
+          {"image": str(outside), "caption": "absolute"}, {"image": "link.jpg", "caption": "symlink out"},
+          {"image": str(root / "sub" / "ok.jpg"), "caption": "absolute inside"}]
+  ann = tmp_path / "a.json"
+  ann.write_text(json.dumps(rows))
+  skipped = __import__("collections").Counter()
+  corpus = sources.open_corpus({"format": "json", "path": str(ann), "data_root": str(root)}, skipped)
+  assert [corpus[i]["captions"][0] for i in range(len(corpus))] == ["in", "absolute inside"]
+  assert skipped["outside_root"] == 3
+  allowed = sources.open_corpus({"format": "json", "path": str(ann), "data_root": str(root),
+                                 "allow_outside_root": True})
+  assert len(allowed) == 5
+  ann.write_text(json.dumps(rows[1:4]))
+  with pytest.raises(sources.AnnotationError, match="no usable rows \\(outside_root x3\\)"):
+    sources.open_corpus({"format": "json", "path": str(ann), "data_root": str(root)})

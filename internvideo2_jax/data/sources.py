@@ -59,8 +59,22 @@ class AnnotationError(ValueError):
   """An annotation file cannot be read at all (unreadable, not JSON/CSV)."""
 
 
-def _join(root: str, path: str) -> str:
-  return path if not root or os.path.isabs(path) else os.path.join(root, path)
+class OutsideRoot(ValueError):
+  """An annotation path that resolves (symlinks included) outside its corpus's data_root."""
+
+
+def _join(root: str, path: str, allow_outside: bool = False) -> str:
+  """root/path; with a local data_root, a path that resolves outside it (`../x`, an absolute
+  path, a symlink out) is refused unless the corpus sets allow_outside_root: an annotation
+  file must not make the decoder open any file on the host."""
+  full = path if not root or os.path.isabs(path) else os.path.join(root, path)
+  if root and not allow_outside and "://" not in root and "://" not in path:
+    base = os.path.realpath(root)
+    real = os.path.realpath(full)
+    if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+      raise OutsideRoot(f"{path!r} resolves to {real}, outside data_root {root} (set the corpus's "
+                        "allow_outside_root: true to read it)")
+  return full
 
 
 def _captions(value: Any) -> list[str]:
@@ -86,7 +100,8 @@ def _qa(value: Any) -> list[dict]:
   return out
 
 
-def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", source: str = "") -> dict:
+def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", source: str = "",
+                    allow_outside_root: bool = False) -> dict:
   """One official JSON annotation row -> record. Raises ValueError naming what is wrong."""
   if not isinstance(row, dict):
     raise ValueError(f"row is {type(row).__name__}, not an object")
@@ -126,16 +141,16 @@ def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", sour
     start_t, end_t = float(row["start"]), float(row["end"])
     if end_t <= start_t:
       raise ValueError(f"empty clip window start={start_t} end={end_t}")
-  full = _join(data_root, path)
+  full = _join(data_root, path, allow_outside_root)
   return make_record(key=full, media=media, path=full, captions=captions, caption_fields=fields,
-                     audio=_join(audio_root or data_root, audio) if audio else "",
+                     audio=_join(audio_root or data_root, audio, allow_outside_root) if audio else "",
                      start_frame=start, end_frame=end, start_time=start_t, end_time=end_t,
                      source=source or row.get("source", ""), qa=_qa(row["QA"]) if "QA" in row else [],
                      label=int(row["label"]) if isinstance(row.get("label"), int) else -1)
 
 
 def load_json(path: str, *, data_root: str = "", audio_root: str = "", source: str = "",
-              skipped: Optional[collections.Counter] = None) -> list[dict]:
+              skipped: Optional[collections.Counter] = None, allow_outside_root: bool = False) -> list[dict]:
   """Official JSON annotations (a list of rows) or JSON Lines; bad rows skipped and counted."""
   skipped = skipped if skipped is not None else collections.Counter()
   try:
@@ -166,16 +181,22 @@ def load_json(path: str, *, data_root: str = "", audio_root: str = "", source: s
   records = []
   for n, row in rows:
     try:
-      records.append(record_from_row(row, data_root=data_root, audio_root=audio_root, source=source))
+      records.append(record_from_row(row, data_root=data_root, audio_root=audio_root, source=source,
+                                     allow_outside_root=allow_outside_root))
+    except OutsideRoot as e:
+      skipped["outside_root"] += 1
+      log.warning("%s: row %d skipped: %s", path, n, e)
     except (ValueError, TypeError) as e:
       skipped["bad_annotation"] += 1
       log.warning("%s: row %d skipped: %s", path, n, e)
   if not records:
-    raise AnnotationError(f"{path}: no usable rows ({sum(skipped.values())} malformed)")
+    why = ", ".join(f"{k} x{v}" for k, v in skipped.most_common())
+    raise AnnotationError(f"{path}: no usable rows ({why or 'empty'})")
   return records
 
 
-def load_csv(path: str, *, data_root: str = "", skipped: Optional[collections.Counter] = None) -> list[dict]:
+def load_csv(path: str, *, data_root: str = "", skipped: Optional[collections.Counter] = None,
+             allow_outside_root: bool = False) -> list[dict]:
   """Stage-1 rows `source path total_time start_time end_time target` (space- or comma-separated)."""
   skipped = skipped if skipped is not None else collections.Counter()
   try:
@@ -195,10 +216,13 @@ def load_csv(path: str, *, data_root: str = "", skipped: Optional[collections.Co
       start_t, end_t = float(start), float(end)
       if end_t >= 0 and end_t <= start_t:
         raise ValueError(f"empty clip window {start_t}..{end_t}")
-      full = _join(data_root, rel)
+      full = _join(data_root, rel, allow_outside_root)
       records.append(make_record(key=f"{full}@{start_t}", path=full, source=source,
                                  start_time=start_t, end_time=end_t, label=int(float(target))))
       del total
+    except OutsideRoot as e:
+      skipped["outside_root"] += 1
+      log.warning("%s: line %d skipped: %s", path, n, e)
     except ValueError as e:
       skipped["bad_annotation"] += 1
       log.warning("%s: line %d skipped: %s", path, n, e)
@@ -268,7 +292,8 @@ def open_corpus(cfg, skipped: Optional[collections.Counter] = None):
   """A corpus config -> random-access source of records.
 
   cfg.format: "json" (also .jsonl) | "csv" | "array_record" | "tfds"; cfg.path (annotation file,
-  shard glob, or TFDS name), cfg.data_root, cfg.audio_root, cfg.source, cfg.split, cfg.data_dir.
+  shard glob, or TFDS name), cfg.data_root, cfg.audio_root, cfg.source, cfg.split, cfg.data_dir,
+  cfg.allow_outside_root (read annotation paths that resolve outside data_root; default refused).
   """
   cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   if not cfg.get("path"):
@@ -281,9 +306,11 @@ def open_corpus(cfg, skipped: Optional[collections.Counter] = None):
   if fmt == "json":
     return RecordList(load_json(cfg.path, data_root=cfg.get("data_root", ""),
                                 audio_root=cfg.get("audio_root", ""), source=cfg.get("source", ""),
-                                skipped=skipped), cfg.path)
+                                skipped=skipped, allow_outside_root=bool(cfg.get("allow_outside_root", False))),
+                      cfg.path)
   if fmt == "csv":
-    return RecordList(load_csv(cfg.path, data_root=cfg.get("data_root", ""), skipped=skipped), cfg.path)
+    return RecordList(load_csv(cfg.path, data_root=cfg.get("data_root", ""), skipped=skipped,
+                               allow_outside_root=bool(cfg.get("allow_outside_root", False))), cfg.path)
   if fmt == "array_record":
     return ArrayRecordCorpus(cfg.path)
   if fmt == "tfds":
