@@ -35,3 +35,26 @@ def test_evaluate_job_on_exported_weights_and_checkpoints(tmp_path):
   cfg.eval.checkpoint_dir = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     eval_run.run(cfg, str(tmp_path / "eval"))
+
+
+def test_bad_settings_are_named_before_any_model_work(tmp_path):
+  from configs import stage2 as stage2_config, stage3 as stage3_config
+  from internvideo2_jax.train import preflight
+  cases = [("data.batch_size", -8, "config.data.batch_size=-8 must be a positive integer"),
+           ("data.batch_size", 7, "batch_size=7 is not divisible by the 8 batch shards"),
+           ("data.corpora", ({"format": "json", "path": str(tmp_path / "nope.json")},), "corpora\\[0\\].path=.*nope.json: no such file"),
+           ("mesh.fsdp", 3, "config.mesh=.*fsdp.*3"),
+           ("eval.corpus.path", str(tmp_path / "val.json"), "config.eval.corpus.path=.*val.json")]
+  for key, value, message in cases:
+    c = stage2_config.get_config("size=tiny")
+    section, name = key.rsplit(".", 1)
+    target = c
+    for part in section.split("."):
+      target = target[part]
+    target[name] = value
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+      preflight.check(c)
+  c = stage3_config.get_config("size=tiny")
+  c.eval.qa.path = str(tmp_path / "qa.json")
+  with pytest.raises(FileNotFoundError, match="config.eval.qa.path=.*qa.json: no such file"):
+    preflight.check(c)

@@ -117,37 +117,39 @@ def _train(cfg, workdir: str, setup: Setup, writer: MetricWriter) -> dict:
   mesh, rules = setup.mesh, setup.rules
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(tc.get("keep_checkpoints", 2)),
                       async_save=bool(tc.get("async_checkpoints", True)))
-  state = setup.state
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, start = ckpt.restore(state)
-    print(f"resumed from {ckpt.directory} at step {start} on {jax.process_count()} process(es) x "
-          f"{jax.local_device_count()} devices", flush=True)
-  writer.truncate_after(start)  # records of steps the resumed run will redo are dropped
-  it = iter(setup.data(start))
-  repl = NamedSharding(mesh, P())
-  compiled = {}
-  compile_time = [0.0]  # excluded from the throughput numbers
-  rng = jax.random.key(int(cfg.seed))
-  peak = peak_flops(tc.get("peak_tflops"))
+  try:  # the checkpointer closed on every path
+    state = setup.state
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    start = 0
+    if ckpt.latest_step() is not None:
+      state, start = ckpt.restore(state)
+      print(f"resumed from {ckpt.directory} at step {start} on {jax.process_count()} process(es) x "
+            f"{jax.local_device_count()} devices", flush=True)
+    writer.truncate_after(start)  # records of steps the resumed run will redo are dropped
+    it = iter(setup.data(start))
+    repl = NamedSharding(mesh, P())
+    compiled = {}
+    compile_time = [0.0]  # excluded from the throughput numbers
+    rng = jax.random.key(int(cfg.seed))
+    peak = peak_flops(tc.get("peak_tflops"))
 
-  def get_step(host):
-    batch = device_batch(host, mesh)
-    nv = _num_visible(host)
-    key = (tuple((k, v.shape) for k, v in sorted(batch.items())), nv)
-    if key not in compiled:
-      batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-      t0 = time.perf_counter()
-      exe = compile_step(setup.step_fn, state, batch, rng, mesh, rules, state_sh, batch_sh, nv)
-      dt = time.perf_counter() - t0
-      compile_time[0] += dt
-      print(f"compiled the step for {dict((k, v.shape) for k, v in batch.items())} in "
-            f"{dt:.1f}s; {memory_report(exe)}", flush=True)
-      compiled[key] = exe
-    return compiled[key], batch
+    def get_step(host):
+      batch = device_batch(host, mesh)
+      nv = _num_visible(host)
+      key = (tuple((k, v.shape) for k, v in sorted(batch.items())), nv)
+      if key not in compiled:
+        batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+        t0 = time.perf_counter()
+        exe = compile_step(setup.step_fn, state, batch, rng, mesh, rules, state_sh, batch_sh, nv)
+        dt = time.perf_counter() - t0
+        compile_time[0] += dt
+        print(f"compiled the step for {dict((k, v.shape) for k, v in batch.items())} in "
+              f"{dt:.1f}s; {memory_report(exe)}", flush=True)
+        compiled[key] = exe
+      return compiled[key], batch
 
-  return _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time)
+    return _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time)
+  finally:
     ckpt.close()
 
 

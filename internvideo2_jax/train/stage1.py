@@ -165,6 +165,8 @@ def run(config, workdir: str) -> dict:
   from internvideo2_jax.parallel import distributed, mesh as mesh_lib, sharding
   from internvideo2_jax.train import loop
 
+  from internvideo2_jax.train import preflight
+  preflight.check(config)  # bad settings named before any model work
   distributed.make_dirs(workdir)
   data = config.data
   if data.get("synthetic_dir") and not os.path.exists(os.path.join(data.synthetic_dir, "train_stage1.csv")):

@@ -286,6 +286,8 @@ def run(config, workdir: str) -> dict:
   from internvideo2_jax.parallel import mesh as mesh_lib, sharding
   from internvideo2_jax.train import loop, optimizer as opt_lib
 
+  from internvideo2_jax.train import preflight
+  preflight.check(config)  # bad settings named before any model work
   distributed.make_dirs(workdir)
   data = config.data
   if data.get("synthetic_dir"):

@@ -259,6 +259,8 @@ def run(config, workdir: str) -> dict:
   from internvideo2_jax.parallel import mesh as mesh_lib, sharding
   from internvideo2_jax.train import loop
 
+  from internvideo2_jax.train import preflight
+  preflight.check(config)  # bad settings named before any model work
   distributed.make_dirs(workdir)
   check_config(config)
   resolve_inits(config)
