@@ -11,8 +11,8 @@
 * The LLM (models/llm.py), fed embeddings.
 
 Call: `__call__(video, llm_ids, llm_mask, llm_visual, instruction_ids=None, instruction_mask=None)`
--> logits (B, M, V) fp32; `video` is normalised (B, C, T, H, W...) as (B, clips, T, S, S, 3) or
-(B, T, S, S, 3) for one clip.
+-> logits (B, M, V) fp32; `video` is normalised float frames, (B, T, S, S, 3) for one clip or
+(B, clips, T, S, S, 3) for HD tiles.
 """
 
 from __future__ import annotations
