@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from internvideo2_jax.data.video import Source, VideoReadError
+from internvideo2_jax.data.video import Source, VideoReadError, check_file
 
 
 def read_image(src: Source, name: Optional[str] = None) -> np.ndarray:
@@ -23,12 +23,7 @@ def read_image(src: Source, name: Optional[str] = None) -> np.ndarray:
   names the file when it cannot be read."""
   from PIL import Image, ImageOps, UnidentifiedImageError
   name = name or (os.fspath(src) if not isinstance(src, (bytes, bytearray)) else "<bytes>")
-  if not isinstance(src, (bytes, bytearray)):
-    path = os.fspath(src)
-    if not os.path.exists(path):
-      raise VideoReadError(f"{path}: file not found", "missing_file")
-    if os.path.getsize(path) == 0:
-      raise VideoReadError(f"{path}: empty file", "empty_file")
+  check_file(src)
   try:
     with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)) as img:
       img.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame

@@ -83,17 +83,23 @@ def _name(src: Source) -> str:
   return f"<{len(src)} bytes>" if isinstance(src, (bytes, bytearray)) else os.fspath(src)
 
 
+def check_file(src: Source) -> None:
+  """A missing or empty file (not bytes) raises VideoReadError with its skip reason."""
+  if isinstance(src, (bytes, bytearray)):
+    return
+  path = os.fspath(src)
+  if not os.path.exists(path):
+    raise VideoReadError(f"{path}: file not found", "missing_file")
+  if os.path.getsize(path) == 0:
+    raise VideoReadError(f"{path}: empty file", "empty_file")
+
+
 class VideoFile:
   """An open video stream with frame-index <-> timestamp bookkeeping. Use as a context manager."""
 
   def __init__(self, src: Source, name: Optional[str] = None):
     self.name = name or _name(src)
-    if not isinstance(src, (bytes, bytearray)):
-      path = os.fspath(src)
-      if not os.path.exists(path):
-        raise VideoReadError(f"{path}: file not found", "missing_file")
-      if os.path.getsize(path) == 0:
-        raise VideoReadError(f"{path}: empty file", "empty_file")
+    check_file(src)
     try:
       self.container = av.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src))
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
