@@ -62,7 +62,7 @@ def add_runtime(c: ml_collections.ConfigDict, *, step: str = "") -> ml_collectio
       "num_processes": 0,
       "process_id": -1,
       "local_device_ids": "",    # e.g. "0,1,2,3"
-      "timeout_s": 300,
+      "timeout_s": 300,          # start, shutdown and CPU (gloo) collective waits
   })
   c.runtime = ml_collections.ConfigDict({
       # Persistent XLA compilation cache: "auto" = ~/.cache/internvideo2_jax/jax_cache on GPU/TPU

@@ -46,6 +46,10 @@ def main(argv) -> None:
   logging.getLogger("internvideo2_jax").setLevel(logging.INFO)
   start_runtime(config, job)
   importlib.import_module(JOBS[job]).run(config, flags.FLAGS.workdir)
+  from internvideo2_jax.parallel import distributed
+  # Process 0 may still be writing exports and results long after the others are done; jax's
+  # shutdown barrier allows only `distributed.timeout_s`, this one an hour.
+  distributed.sync("job finished")
 
 
 def start_runtime(config, job: str) -> None:

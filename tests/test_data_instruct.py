@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from internvideo2_jax.data import instruct as I, pack, pipeline as P, sources, synthetic, text as text_lib
-from internvideo2_jax.data.loader import REASONS
+from internvideo2_jax.data.accounting import DataReport
 from internvideo2_jax.models.vit import vit_preset
 
 QA = [{"i": "Answer briefly.", "q": "What colour is it?", "a": "red"},
@@ -174,7 +174,8 @@ def test_qa_rows_are_validated(tmp_path):
   path.write_text(json.dumps(rows))
   skipped = collections.Counter()
   recs = sources.load_json(str(path), data_root="/data", skipped=skipped)
-  assert [r["key"] for r in recs] == ["/data/a.mp4"] and skipped["bad_annotation"] == 4
+  assert [r["key"] for r in recs] == ["/data/a.mp4"]
+  assert skipped == {"bad_caption": 3, "bad_annotation": 1}  # the QA lists; the clip window
   assert recs[0]["qa"][0] == QA[0] and (recs[0]["start_time"], recs[0]["end_time"]) == (1.5, 3.0)
 
 
@@ -199,7 +200,8 @@ def test_stage3_pipeline_end_to_end(corpus, tok, tmp_path):
   bad = os.path.join(root, "mixed_qa.json")
   json.dump(rows, open(bad, "w"))
   corpora = ({"format": "json", "path": bad, "data_root": root},)
-  it = iter(P.make_pipeline(_cfg(corpora), model, stage="stage3"))
+  report = DataReport()
+  it = iter(P.make_pipeline(_cfg(corpora), model, stage="stage3", report=report))
   batches = [next(it) for _ in range(3)]
   b = batches[0]
   m = 160 + 8
@@ -208,8 +210,9 @@ def test_stage3_pipeline_end_to_end(corpus, tok, tmp_path):
   assert shapes["instruction_ids"] == (4, 64) and "text_ids" not in b
   assert set(b) <= set(P.BATCH_SPEC)
   assert (b["llm_visual"].sum(1) == 8).all() and (b["llm_ids"][:, 0] == tok.bos_token_id).all()
-  skipped = sum(np.asarray(x["skipped"]).sum(0) for x in batches)
-  assert skipped[REASONS.index("bad_caption")] == 1  # the caption row, seen once in 12 examples
+  # the caption row is refused when the annotations are parsed, named by its file and row
+  assert report.corpora[bad] == {"usable": 11, "dropped": {"bad_caption": 1}}
+  assert sum(np.asarray(x["skipped"]).sum() for x in batches) == 0
   for i in range(4):
     text, answers = I.decode_example(tok, {k: v[i] for k, v in b.items()})
     assert "frames sampled at" in text and answers.endswith("</s>")

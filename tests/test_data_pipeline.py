@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from internvideo2_jax.data import pack, pipeline as P, sources, synthetic, tfds_corpus
+from internvideo2_jax.data.accounting import DataReport
 from internvideo2_jax.data.loader import REASONS, LoadSpec, load_example
 from internvideo2_jax.models.vit import vit_preset
 from internvideo2_jax.parallel import mesh as M, sharding as S
@@ -204,7 +205,10 @@ def _bad_corpus(root, good_rows):
       {"video": "bad/gray_odd.mkv", "caption": "grey odd sized frames"},
       {"video": good_rows[1]["video"], "caption": "undecodable audio", "audio": "bad/broken_audio.wav"},
       {"video": good_rows[2]["video"], "caption": "word " * 2000},
-      {"video": good_rows[3]["video"], "caption": 42},          # malformed row
+      {"video": good_rows[3]["video"], "caption": 42},          # refused: not a string
+      {"video": good_rows[0]["video"], "caption": "lone \ud800 surrogate"},  # refused: unencodable
+      {"video": good_rows[1]["video"], "caption": "?!. ..."},   # refused: empty after pre_text
+      {"video": good_rows[2]["video"], "captions": [7, "one good caption"]},  # kept: the good one
       ["not", "a", "row"],                                       # malformed row
       {"caption": "no media key"},                               # malformed row
   ]
@@ -220,24 +224,29 @@ def test_bad_data_is_skipped_counted_and_the_run_goes_on(corpus, caplog):
   with open(paths["train"]) as f:
     good = json.load(f)
   path = _bad_corpus(root, good)
-  rows = collections.Counter()
+  report = DataReport()
   cfg = data_cfg([{"format": "json", "path": path, "data_root": root}], batch_size=1,
                  load={"audio": True, "mask": "random", "max_caption_chars": 500})
-  batches = list(P.make_pipeline(cfg, MODEL, num_epochs=1, skipped_rows=rows))
-  assert rows == {"bad_annotation": 3}  # caption 42, a list, no media key
-  assert len(batches) == 13  # 16 rows - 3 malformed: every slot filled, bad ones replaced
+  batches = list(P.make_pipeline(cfg, MODEL, num_epochs=1, report=report))
+  # refused when parsed, each logged once by file and row: a list and a row without media are
+  # malformed; the 10000-character, non-string, unencodable and empty captions are bad_caption
+  assert report.corpora[path] == {"usable": 13, "dropped": {"bad_annotation": 2, "bad_caption": 4}}
+  assert len(batches) == 13  # every slot filled, bad media replaced
   total = collections.Counter()
   for b in batches:
     total.update(P.skip_summary(b))
   # each bad row is replaced once; a replacement candidate can itself be bad and count again
-  want = {"missing_file": 1, "empty_file": 1, "corrupt_video": 2, "no_video_stream": 1,
-          "bad_caption": 1}
+  want = {"missing_file": 1, "empty_file": 1, "corrupt_video": 2, "no_video_stream": 1}
   assert set(total) == set(want) and all(total[k] >= n for k, n in want.items()), total
   has_audio = {int(b["index"][0]): bool(b["has_audio"][0]) for b in batches}
   assert sum(has_audio.values()) >= 4 and not all(has_audio.values())  # broken audio -> zeros
   shapes = {b["video"].shape for b in batches}
   assert shapes == {(1, 4, 32, 32, 3)}  # the short, grey, odd-sized clips are usable
   assert "missing.mp4" in caplog.text and "row 14" in caplog.text
+  for row, why in [(14, "is int, not a string"), (15, "unencodable character '\\ud800'"),
+                   (16, "empty after cleaning"), (13, "max_caption_chars=500")]:
+    lines = [ln for ln in caplog.text.splitlines() if f"bad.json: row {row} skipped (bad_caption)" in ln]
+    assert len(lines) == 1 and why in lines[0], (row, lines)
 
 
 def test_unreadable_annotation_files_are_named(tmp_path):
@@ -259,10 +268,20 @@ def test_clip_window_and_per_source_flip(corpus):
   path = os.path.join(root, row["video"])
   from internvideo2_jax.data.video import read_frames
   full = read_frames(path, list(range(16)), size=(32, 32))
-  rec = sources.record_from_row(dict(row, video_start_frame=8, video_end_frame=12), data_root=root)
+  # video_end_frame is inclusive (official `duration = end - start + 1`): frames 9, 10, 11, 12
+  rec = sources.record_from_row(dict(row, video_start_frame=9, video_end_frame=12), data_root=root)
   spec = LoadSpec(num_frames=4, sample="middle", size=32, patch_size=8, text=False, train=False)
   ex = load_example(rec, spec, np.random.default_rng(0))
-  np.testing.assert_array_equal(ex["video"], full[8:12])  # the window's 4 frames, in order
+  np.testing.assert_array_equal(ex["video"], full[9:13])
+  # a decoded-once cache keeps the same window
+  cached = sources.cache_frames([rec], 32, progress=False)[0]
+  np.testing.assert_array_equal(cached["frames"], full[9:13])
+  np.testing.assert_array_equal(load_example(cached, spec, np.random.default_rng(0))["video"], full[9:13])
+  # a one-frame window (start == end) is valid; end before start is not
+  one = sources.record_from_row(dict(row, video_start_frame=5, video_end_frame=5), data_root=root)
+  assert sources.clip_window(one, 32, 30.0) == (5, 6)
+  with pytest.raises(ValueError, match="empty clip window"):
+    sources.record_from_row(dict(row, video_start_frame=6, video_end_frame=5), data_root=root)
   # flips happen for ordinary sources but never for the ones listed in no_flip_sources
   train = LoadSpec(num_frames=4, sample="middle", size=32, patch_size=8, text=False, rrc_scale=(1.0, 1.0))
   def flips(source):

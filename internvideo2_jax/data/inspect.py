@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from internvideo2_jax.data import pipeline, synthetic, text as text_lib
+from internvideo2_jax.data.accounting import DataReport
 
 
 def _contact_sheet(video: np.ndarray) -> np.ndarray:
@@ -33,9 +34,9 @@ def run(config, workdir: str) -> dict:
     data.corpora = ({"format": "json", "path": paths["train_qa" if config.stage == "stage3" else "train"],
                      "data_root": os.path.join(workdir, "synthetic")},)
     print(f"no corpora configured: wrote a synthetic corpus to {workdir}/synthetic")
-  rows = collections.Counter()
+  report = DataReport()
   ds = pipeline.make_pipeline(data, config.model, stage=config.stage, train=config.train,
-                              skipped_rows=rows)
+                              report=report)
   it = iter(ds)
   skipped, clips, first = collections.Counter(), 0, None
   t0 = time.perf_counter()
@@ -49,7 +50,8 @@ def run(config, workdir: str) -> dict:
         f"({clips / dt:.1f} examples/s with {data.get('num_workers', 0)} workers)")
   for k, v in first.items():
     print(f"  {k:10s} {str(v.shape):22s} {v.dtype}")
-  print(f"malformed annotation rows: {dict(rows) or 'none'}; replaced records: {dict(skipped) or 'none'}")
+  print(f"annotation rows refused at parse time: {report.parse_dropped() or 'none'}; "
+        f"replaced records: {dict(skipped) or 'none'}")
   if "text_ids" in first:
     tok = text_lib.load_tokenizer(data.get("load", {}).get("tokenizer", ""))
     for ids in first["text_ids"][:3]:

@@ -42,7 +42,7 @@ class LoadSpec:
   text: bool = True
   caption_field: str = "captions"  # or another *caption* key of the rows, e.g. avs_captions
   max_txt_l: int = 32
-  max_caption_chars: int = 2000   # longer strings are rejected before tokenization
+  max_caption_chars: int = text_lib.MAX_CAPTION_CHARS  # longer captions / answers are refused
   tokenizer: str = ""             # local directory; "" = the bundled bert-base-uncased vocab
   audio: bool = False
   audio_seconds: float = 10.0     # crop / pad length (official 10 s -> 998 fbank frames)
@@ -90,18 +90,11 @@ def _decode(rec: dict, spec: LoadSpec, rng: np.random.Generator, size) -> tuple[
       img = transforms.resize(img, *size)
     return np.repeat(img, spec.image_frames, axis=0), np.zeros(spec.image_frames, np.float32)
   with _open(rec) as v:
-    n = v.num_frames()
-    start, end = 0, n
-    if rec["start_frame"] >= 0 or rec["end_frame"] >= 0:
-      start = max(rec["start_frame"], 0)
-      end = min(rec["end_frame"], n) if rec["end_frame"] >= 0 else n
-    elif rec["start_time"] >= 0 and v.fps:
-      start = int(rec["start_time"] * v.fps)
-      end = min(int(rec["end_time"] * v.fps), n) if rec["end_time"] >= 0 else n
+    start, end = sources.clip_window(rec, v.num_frames(), v.fps)
     vlen = end - start
     if vlen < spec.min_frames:
       raise SkipExample("short_clip", f"{v.name}: clip has {vlen} frames "
-                                      f"(window {start}..{end}), need {spec.min_frames}")
+                                      f"(frames {start}..{end - 1}), need {spec.min_frames}")
     idx = _indices(spec, vlen, rng, v.fps or 30.0)
     return v.read([start + i for i in idx], size=size), np.asarray(idx, np.float32) / (v.fps or 30.0)
 
@@ -124,11 +117,12 @@ def _caption(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> str:
   caps = sources.record_captions(rec, spec.caption_field)
   if not caps:
     raise SkipExample("bad_caption", f"{rec['key']}: no {spec.caption_field!r} caption")
-  caption = text_lib.choose_caption(caps, rng if spec.train else None)
-  if len(caption) > spec.max_caption_chars:
-    raise SkipExample("bad_caption", f"{rec['key']}: caption of {len(caption)} characters "
-                                     f"(max_caption_chars={spec.max_caption_chars})")
-  return text_lib.pre_text(caption)
+  # rows parsed from annotations were checked there; packed records are checked here
+  caps = [c for c in caps if not text_lib.text_problem(c, max_chars=spec.max_caption_chars)]
+  if not caps:
+    why = text_lib.text_problem(sources.record_captions(rec, spec.caption_field)[0], max_chars=spec.max_caption_chars)
+    raise SkipExample("bad_caption", f"{rec['key']}: {why}")
+  return text_lib.pre_text(text_lib.choose_caption(caps, rng if spec.train else None))
 
 
 def _waveform(rec: dict) -> Optional[np.ndarray]:

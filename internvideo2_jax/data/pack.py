@@ -32,12 +32,7 @@ def _reencode(rec: dict, short_side: int, keyframe_interval: int) -> tuple[bytes
   """Decodes the clip window, resizes (short side), re-encodes; returns (bytes, start, end)."""
   import io
   with VideoFile(rec["path"]) as v:
-    n = v.num_frames()
-    start = max(rec["start_frame"], 0)
-    end = min(rec["end_frame"], n) if rec["end_frame"] >= 0 else n
-    if rec["start_time"] >= 0 and v.fps:
-      start = int(rec["start_time"] * v.fps)
-      end = min(int(rec["end_time"] * v.fps), n) if rec["end_time"] >= 0 else n
+    start, end = sources.clip_window(rec, v.num_frames(), v.fps)
     frames = v.read(list(range(start, end)))
     fps = int(round(v.fps)) or 25
   _, h, w, _ = frames.shape

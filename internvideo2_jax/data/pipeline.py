@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from internvideo2_jax.data import sources
+from internvideo2_jax.data.accounting import DataReport
 from internvideo2_jax.data.instruct import InstructSpec
 from internvideo2_jax.data.loader import REASONS, LoadSpec, SkipExample, load_example
 
@@ -96,6 +97,7 @@ class RobustLoad(grain.MapDataset):
       # Replacement candidates stride through the corpus so a bad region is left quickly.
       j = index if attempt == 0 else (index + attempt * 7919) % n
       rng = np.random.default_rng([self._seed, index, attempt])
+      rec = None
       try:
         rec = self._parent[j]
         if not isinstance(rec, dict):
@@ -104,7 +106,9 @@ class RobustLoad(grain.MapDataset):
       except SkipExample as e:
         last = e
       except Exception as e:  # noqa: BLE001 - data must never stop the run; count and move on
-        last = SkipExample("error", f"record {j}: {type(e).__name__}: {e}")
+        # named by the record's key (its file), so it is logged once, not once per position
+        name = rec.get("key") or rec.get("path") if isinstance(rec, dict) else None
+        last = SkipExample("error", f"{name or f'record {j}'}: {type(e).__name__}: {e}")
       else:
         example["skipped"] = skipped
         example["index"] = np.int64(index)
@@ -229,14 +233,15 @@ def corpus_dataset(records, spec: LoadSpec, *, seed: int, num_epochs: Optional[i
 def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = True,
                   batch_size: Optional[int] = None, seed: Optional[int] = None,
                   num_epochs: Optional[int] = None, shard_index: Optional[int] = None,
-                  shard_count: Optional[int] = None, skipped_rows: Optional[collections.Counter] = None,
+                  shard_count: Optional[int] = None, report: Optional[DataReport] = None,
                   start_batch: int = 0) -> grain.IterDataset:
   """The dataset of one stage: an IterDataset of host batches (dicts of numpy arrays).
 
   data_cfg.corpora: list of {format, path, data_root, weight, ...} (see sources.open_corpus);
   data_cfg.batch_size is the *global* batch; each process gets batch_size / process_count.
   `start_batch` skips that many global batches without loading them (resume after that many
-  training steps, on any process count).
+  training steps, on any process count). `report` receives each corpus's usable and refused
+  annotation rows.
   """
   if stage not in ("stage1", "stage2", "stage3"):
     raise ValueError(f"unknown data stage {stage!r}: stage1 (distillation clips), stage2 "
@@ -261,13 +266,18 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
       if shard_count > 1:
         ds = ProcessBlocks(ds, global_batch, shard_index, shard_count)
     else:
-      records = sources.open_corpus(corpus, skipped=skipped_rows)
+      spec = _spec_from_config(data_cfg, model_cfg, stage, train)
+      # only the text a stage reads is validated (stage 1 keeps rows with broken captions)
+      uses = ("qa",) if spec.instruct is not None else (spec.caption_field,) if spec.text else ()
+      refused = collections.Counter()
+      records = sources.open_corpus(corpus, skipped=refused, uses=uses, max_text_chars=spec.max_caption_chars)
+      if report is not None:
+        report.add_corpus(corpus["path"], len(records), refused)
       if isinstance(records, sources.RecordList):
         kinds = collections.Counter(r["media"] for r in records.records)
         if len(kinds) > 1:  # one corpus = one media type, so every batch has one frame count
           raise ValueError(f"{corpus['path']}: mixes media types {dict(kinds)}; split it into one "
                            "corpus per media type (they are mixed batch by batch)")
-      spec = _spec_from_config(data_cfg, model_cfg, stage, train)
       ds = corpus_dataset(records, spec, seed=seed + 1000 * i, num_epochs=epochs,
                           global_batch=global_batch, shard_index=shard_index, shard_count=shard_count)
     parts.append(ds.batch(host_batch, drop_remainder=train))

@@ -8,7 +8,8 @@ A record:
   captions    list of str; `caption_fields` keeps other caption keys, e.g. {"avs_captions": [...]}
   audio       audio file path ("" = the media file's own audio track)
   audio_pcm   int16 16 kHz mono PCM bytes (packed records), else b""
-  start_frame / end_frame   clip window in frames (-1 = whole video)
+  start_frame / end_frame   clip window in frames, both inclusive as in the official annotations
+                            (`duration = end - start + 1`); -1 = from the start / to the end
   start_time / end_time     clip window in seconds (stage-1 CSV; -1 = whole video)
   source      corpus / dataset name (e.g. "ssv2": per-source options such as no flip)
   label       int class id (-1 if none)
@@ -32,6 +33,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import msgpack
 import numpy as np
+
+from internvideo2_jax.data import text as text_lib
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,35 @@ class AnnotationError(ValueError):
   """An annotation file cannot be read at all (unreadable, not JSON/CSV)."""
 
 
-class OutsideRoot(ValueError):
+class RowSkip(ValueError):
+  """A row dropped at parse time for a named reason (a skip reason of `loader.REASONS` or
+  "bad_annotation" / "outside_root"), counted per reason and logged once by file and row."""
+  reason = "bad_annotation"
+
+
+class OutsideRoot(RowSkip):
   """An annotation path that resolves (symlinks included) outside its corpus's data_root."""
+  reason = "outside_root"
+
+
+class BadText(RowSkip):
+  """No usable caption / answer in the field the consumer reads."""
+  reason = "bad_caption"
+
+
+def clip_window(rec: dict, num_frames: int, fps: float) -> tuple[int, int]:
+  """The record's clip as frame indices [start, end) of a video with `num_frames` frames.
+
+  `end_frame` is inclusive, as the official loader reads it (`av_utils.lazy_load_s3video`:
+  `duration = end - start + 1`); seconds windows (`start_time`/`end_time`) use `int(t * fps)`."""
+  start, end = 0, num_frames
+  if rec["start_frame"] >= 0 or rec["end_frame"] >= 0:
+    start = max(rec["start_frame"], 0)
+    end = min(rec["end_frame"] + 1, num_frames) if rec["end_frame"] >= 0 else num_frames
+  elif rec["start_time"] >= 0 and fps:
+    start = int(rec["start_time"] * fps)
+    end = min(int(rec["end_time"] * fps), num_frames) if rec["end_time"] >= 0 else num_frames
+  return start, end
 
 
 def _join(root: str, path: str, allow_outside: bool = False) -> str:
@@ -77,32 +107,52 @@ def _join(root: str, path: str, allow_outside: bool = False) -> str:
   return full
 
 
-def _captions(value: Any) -> list[str]:
-  if isinstance(value, str):
-    return [value]
-  if isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value):
-    return list(value)
-  raise ValueError(f"caption must be a string or a list of strings, got {type(value).__name__}")
+def _captions(value: Any, key: str, strict: bool, max_chars: int) -> list[str]:
+  """The usable captions of a row's `key`. Strict (the consumer reads this field): bad entries of
+  a list are dropped and logged by the caller; none left raises BadText. Otherwise whatever
+  strings are there, never an error (a stage that ignores captions keeps the row)."""
+  items = list(value) if isinstance(value, (list, tuple)) else [value]
+  if not strict:
+    return [c for c in items if isinstance(c, str)]
+  good, bad = [], []
+  for c in items:
+    why = text_lib.text_problem(c, what=f"{key!r}", max_chars=max_chars)
+    (bad if why else good).append(why or c)
+  if not good:
+    raise BadText("; ".join(bad[:2]) if bad else f"{key!r} is an empty list")
+  if bad:
+    log.info("%d of the %r captions dropped: %s", len(bad), key, bad[0])
+  return good
 
 
-def _qa(value: Any) -> list[dict]:
+def _qa(value: Any, max_chars: int = text_lib.MAX_CAPTION_CHARS) -> list[dict]:
   """VideoChat2 instruction rows: a non-empty list of {"i"?, "q"?, "a"} string fields."""
   if not isinstance(value, list) or not value:
-    raise ValueError("'QA' must be a non-empty list of {\"q\", \"a\"} objects")
+    raise BadText("'QA' must be a non-empty list of {\"q\", \"a\"} objects")
   out = []
   for n, turn in enumerate(value):
-    if not isinstance(turn, dict) or not isinstance(turn.get("a"), str) or not turn["a"].strip():
-      raise ValueError(f"QA[{n}] needs a non-empty string 'a' (answer)")
-    extra = sorted(k for k in ("i", "q") if not isinstance(turn.get(k, ""), str))
-    if extra:
-      raise ValueError(f"QA[{n}] fields {extra} must be strings")
-    out.append({"i": turn.get("i", ""), "q": turn.get("q", ""), "a": turn["a"]})
+    if not isinstance(turn, dict):
+      raise BadText(f"QA[{n}] is {type(turn).__name__}, not an object")
+    why = text_lib.text_problem(turn.get("a"), what=f"QA[{n}] answer 'a'", max_chars=max_chars, clean=False)
+    for k in ("i", "q"):
+      why = why or (text_lib.text_problem(turn[k], what=f"QA[{n}] {k!r}", max_chars=max_chars, clean=False)
+                    if turn.get(k) not in (None, "") else None)
+    if why:
+      raise BadText(why)
+    out.append({"i": turn.get("i") or "", "q": turn.get("q") or "", "a": turn["a"]})
   return out
 
 
 def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", source: str = "",
-                    allow_outside_root: bool = False) -> dict:
-  """One official JSON annotation row -> record. Raises ValueError naming what is wrong."""
+                    allow_outside_root: bool = False, uses: Optional[Sequence[str]] = None,
+                    max_text_chars: int = text_lib.MAX_CAPTION_CHARS) -> dict:
+  """One official JSON annotation row -> record. Raises ValueError naming what is wrong.
+
+  `uses`: the text fields the consumer reads ("captions", another *caption* key, "qa"): those
+  must be present and usable, the others are not checked (a stage-1 run keeps rows whose
+  captions are broken). None: whatever text fields a row has are validated, none required.
+  `max_text_chars`: longer captions / answers are refused (`data.load.max_caption_chars`)."""
+  strict = lambda key: uses is None or key in uses  # noqa: E731
   if not isinstance(row, dict):
     raise ValueError(f"row is {type(row).__name__}, not an object")
   # Audio-only rows ({"audio": ..., "caption": ...}) serve audio evaluation; training stages
@@ -114,11 +164,12 @@ def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", sour
   if not isinstance(path, str) or not path:
     raise ValueError(f"'{media}' must be a non-empty string")
   captions: list[str] = []
-  if "captions" in row:
-    captions = _captions(row["captions"])
-  elif "caption" in row:
-    captions = _captions(row["caption"])
-  fields = {k: _captions(v) for k, v in row.items()
+  main = "captions" if "captions" in row else "caption" if "caption" in row else None
+  if main:
+    captions = _captions(row[main], main, strict("captions") or strict("caption"), max_text_chars)
+  elif uses is not None and ("captions" in uses or "caption" in uses):
+    raise BadText("row has no 'caption' / 'captions'")
+  fields = {k: _captions(v, k, strict(k), max_text_chars) for k, v in row.items()
             if "caption" in k and k not in ("caption", "captions")}
   audio = row.get("audio", "")
   if not isinstance(audio, str):
@@ -131,7 +182,7 @@ def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", sour
       raise ValueError(f"'{k}' must be an integer frame index, got {v!r}")
     return v
   start, end = frame("video_start_frame"), frame("video_end_frame")
-  if 0 <= end <= start:
+  if 0 <= end < start:
     raise ValueError(f"empty clip window video_start_frame={start} video_end_frame={end}")
   # VideoChat2 instruction rows give the clip in seconds as "start"/"end".
   start_t, end_t = -1.0, -1.0
@@ -145,14 +196,29 @@ def record_from_row(row: Any, *, data_root: str = "", audio_root: str = "", sour
   return make_record(key=full, media=media, path=full, captions=captions, caption_fields=fields,
                      audio=_join(audio_root or data_root, audio, allow_outside_root) if audio else "",
                      start_frame=start, end_frame=end, start_time=start_t, end_time=end_t,
-                     source=source or row.get("source", ""), qa=_qa(row["QA"]) if "QA" in row else [],
+                     source=source or row.get("source", ""), qa=_row_qa(row, strict("qa"), uses is not None and "qa" in uses, max_text_chars),
                      label=int(row["label"]) if isinstance(row.get("label"), int) else -1)
 
 
+def _row_qa(row: dict, strict: bool, required: bool, max_chars: int) -> list[dict]:
+  if "QA" not in row:
+    if required:
+      raise BadText("row has no 'QA' list (stage 3 needs instruction rows)")
+    return []
+  try:
+    return _qa(row["QA"], max_chars)
+  except BadText:
+    if strict:
+      raise
+    return []
+
+
 def load_json(path: str, *, data_root: str = "", audio_root: str = "", source: str = "",
-              skipped: Optional[collections.Counter] = None, allow_outside_root: bool = False) -> list[dict]:
-  """Official JSON annotations (a list of rows) or JSON Lines; bad rows skipped and counted."""
-  skipped = skipped if skipped is not None else collections.Counter()
+              skipped: Optional[collections.Counter] = None, allow_outside_root: bool = False,
+              uses: Optional[Sequence[str]] = None, max_text_chars: int = text_lib.MAX_CAPTION_CHARS) -> list[dict]:
+  """Official JSON annotations (a list of rows) or JSON Lines; bad rows skipped and counted
+  (`uses`: see record_from_row)."""
+  into, skipped = skipped, collections.Counter()  # this file's drops, added to `into`
   try:
     with open(path, "rb") as f:
       raw = f.read()
@@ -182,13 +248,16 @@ def load_json(path: str, *, data_root: str = "", audio_root: str = "", source: s
   for n, row in rows:
     try:
       records.append(record_from_row(row, data_root=data_root, audio_root=audio_root, source=source,
-                                     allow_outside_root=allow_outside_root))
-    except OutsideRoot as e:
-      skipped["outside_root"] += 1
-      log.warning("%s: row %d skipped: %s", path, n, e)
+                                     allow_outside_root=allow_outside_root, uses=uses,
+                                     max_text_chars=max_text_chars))
+    except RowSkip as e:
+      skipped[e.reason] += 1
+      log.warning("%s: row %d skipped (%s): %s", path, n, e.reason, e)
     except (ValueError, TypeError) as e:
       skipped["bad_annotation"] += 1
       log.warning("%s: row %d skipped: %s", path, n, e)
+  if into is not None:
+    into.update(skipped)
   if not records:
     why = ", ".join(f"{k} x{v}" for k, v in skipped.most_common())
     raise AnnotationError(f"{path}: no usable rows ({why or 'empty'})")
@@ -198,7 +267,7 @@ def load_json(path: str, *, data_root: str = "", audio_root: str = "", source: s
 def load_csv(path: str, *, data_root: str = "", skipped: Optional[collections.Counter] = None,
              allow_outside_root: bool = False) -> list[dict]:
   """Stage-1 rows `source path total_time start_time end_time target` (space- or comma-separated)."""
-  skipped = skipped if skipped is not None else collections.Counter()
+  into, skipped = skipped, collections.Counter()  # this file's drops, added to `into`
   try:
     with open(path, encoding="utf-8", errors="replace") as f:
       lines = f.read().splitlines()
@@ -220,14 +289,17 @@ def load_csv(path: str, *, data_root: str = "", skipped: Optional[collections.Co
       records.append(make_record(key=f"{full}@{start_t}", path=full, source=source,
                                  start_time=start_t, end_time=end_t, label=int(float(target))))
       del total
-    except OutsideRoot as e:
-      skipped["outside_root"] += 1
-      log.warning("%s: line %d skipped: %s", path, n, e)
+    except RowSkip as e:
+      skipped[e.reason] += 1
+      log.warning("%s: line %d skipped (%s): %s", path, n, e.reason, e)
     except ValueError as e:
       skipped["bad_annotation"] += 1
       log.warning("%s: line %d skipped: %s", path, n, e)
+  if into is not None:
+    into.update(skipped)
   if not records:
-    raise AnnotationError(f"{path}: no usable rows")
+    why = ", ".join(f"{k} x{v}" for k, v in skipped.most_common())
+    raise AnnotationError(f"{path}: no usable rows ({why or 'empty'})")
   return records
 
 
@@ -288,8 +360,10 @@ class RecordList:
     return f"RecordList({self.name!r}, {len(self)} records)"
 
 
-def open_corpus(cfg, skipped: Optional[collections.Counter] = None):
-  """A corpus config -> random-access source of records.
+def open_corpus(cfg, skipped: Optional[collections.Counter] = None, uses: Optional[Sequence[str]] = None,
+                max_text_chars: int = text_lib.MAX_CAPTION_CHARS):
+  """A corpus config -> random-access source of records (`skipped` counts the rows dropped at
+  parse time per reason; `uses` names the text fields the consumer reads, see record_from_row).
 
   cfg.format: "json" (also .jsonl) | "csv" | "array_record" | "tfds"; cfg.path (annotation file,
   shard glob, or TFDS name), cfg.data_root, cfg.audio_root, cfg.source, cfg.split, cfg.data_dir,
@@ -302,11 +376,12 @@ def open_corpus(cfg, skipped: Optional[collections.Counter] = None):
   fmt = cfg.get("format", "json")
   if cfg.get("cache_frames"):  # decode once into RAM (small corpora, e.g. the CPU demo)
     inner = dict(cfg, cache_frames=0)
-    return cache_frames(open_corpus(inner, skipped), int(cfg["cache_frames"]))
+    return cache_frames(open_corpus(inner, skipped, uses, max_text_chars), int(cfg["cache_frames"]))
   if fmt == "json":
     return RecordList(load_json(cfg.path, data_root=cfg.get("data_root", ""),
                                 audio_root=cfg.get("audio_root", ""), source=cfg.get("source", ""),
-                                skipped=skipped, allow_outside_root=bool(cfg.get("allow_outside_root", False))),
+                                skipped=skipped, allow_outside_root=bool(cfg.get("allow_outside_root", False)),
+                                uses=uses, max_text_chars=max_text_chars),
                       cfg.path)
   if fmt == "csv":
     return RecordList(load_csv(cfg.path, data_root=cfg.get("data_root", ""), skipped=skipped,
@@ -341,10 +416,11 @@ def cache_frames(records, size: int, *, max_frames: int = 64, progress: bool = T
         rec["frame_times"] = np.zeros(1, np.float32)
       else:
         with VideoFile(rec["data"] or rec["path"], name=rec["path"] or rec["key"]) as v:
-          count = v.num_frames()
+          start, end = clip_window(rec, v.num_frames(), v.fps)
+          count = end - start
           idx = list(range(count)) if count <= max_frames else \
               [int(j) for j in np.linspace(0, count - 1, max_frames).round()]
-          rec["frames"] = v.read(idx, size=(size, size))
+          rec["frames"] = v.read([start + j for j in idx], size=(size, size))
           rec["frame_times"] = np.asarray(idx, np.float32) / (v.fps or 30.0)
       rec["data"] = b""
       out.append(rec)

@@ -29,6 +29,28 @@ def pre_text(text: str, max_words: Optional[int] = None) -> str:
   return text
 
 
+MAX_CAPTION_CHARS = 2000  # longer strings are refused before tokenization (a runaway row)
+
+
+def text_problem(text, *, what: str = "caption", max_chars: int = MAX_CAPTION_CHARS,
+                 clean: bool = True) -> Optional[str]:
+  """Why `text` cannot be trained or evaluated on, or None. Checked once where rows are parsed
+  (and again for packed records, which were parsed elsewhere): not a string, characters UTF-8
+  cannot encode (a lone surrogate from a "\\ud800" JSON escape: tokenizers raise on it), too
+  long, or nothing left after `pre_text` (with `clean`: captions, not answers)."""
+  if not isinstance(text, str):
+    return f"{what} is {type(text).__name__}, not a string"
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    return f"{what} has an unencodable character {text[e.start]!r} at position {e.start}"
+  if len(text) > max_chars:
+    return f"{what} of {len(text)} characters (max_caption_chars={max_chars})"
+  if not (pre_text(text) if clean else text.strip()):
+    return f"{what} {text!r} is empty" + (" after cleaning (pre_text)" if clean and text.strip() else "")
+  return None
+
+
 def choose_caption(captions: str | Sequence[str], rng: Optional[np.random.Generator]) -> str:
   """One caption: a string as is; from a list uniformly at random (the first without rng)."""
   if isinstance(captions, str):

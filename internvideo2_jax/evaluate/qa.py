@@ -16,8 +16,10 @@ questions are scored by exact match of the normalised answer.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import logging
 import re
 import string
 from typing import Callable, Optional, Sequence
@@ -33,6 +35,8 @@ from internvideo2_jax.models.generate import Generator
 from internvideo2_jax.models.llm import LLM
 from internvideo2_jax.models.videochat import VideoChat
 from internvideo2_jax.parallel import sharding
+
+log = logging.getLogger(__name__)
 
 ANSWER_PROMPT = "Best option:("      # MVBench
 _LETTER = re.compile(r"\(([A-Z])\)")
@@ -136,14 +140,13 @@ class Chat:
     return out
 
 
-def qa_rows(path: str, data_root: str = "", limit: int = 0) -> list[dict]:
-  """Records with a QA list from an official-format JSON file."""
-  corpus = sources.open_corpus({"format": "json", "path": path, "data_root": data_root})
-  rows = [corpus[i] for i in range(len(corpus) if not limit else min(limit, len(corpus)))]
-  rows = [r for r in rows if r.get("qa")]
-  if not rows:
-    raise ValueError(f"{path}: no rows with a 'QA' list")
-  return rows
+def qa_rows(path: str, data_root: str = "", limit: int = 0,
+            refused: Optional[collections.Counter] = None) -> list[dict]:
+  """Records with a usable QA list from an official-format JSON file (others are refused and
+  counted per reason in `refused`)."""
+  corpus = sources.open_corpus({"format": "json", "path": path, "data_root": data_root},
+                               skipped=refused, uses=("qa",))
+  return [corpus[i] for i in range(len(corpus) if not limit else min(limit, len(corpus)))]
 
 
 def evaluate_qa(config, params, mesh) -> dict:
@@ -151,13 +154,16 @@ def evaluate_qa(config, params, mesh) -> dict:
   ec = config.eval
   chat = Chat(config, params, mesh, max_new_tokens=int(ec.get("max_new_tokens", 16)))
   spec = chat.load_spec()
-  rows = qa_rows(ec.qa.path, ec.qa.get("data_root", ""), int(ec.qa.get("limit", 0)))
+  refused, reasons = collections.Counter(), collections.Counter()
+  rows = qa_rows(ec.qa.path, ec.qa.get("data_root", ""), int(ec.qa.get("limit", 0)), refused)
   items, skipped = [], 0
   for i, rec in enumerate(rows):
     try:
       video = load_example(rec, spec, np.random.default_rng(i))["video"]
-    except SkipExample:
+    except SkipExample as e:
+      log.warning("QA set: skipping %s", e)
       skipped += 1
+      reasons[e.reason] += 1
       continue
     for turn in rec["qa"]:
       items.append((video, turn))
@@ -182,7 +188,8 @@ def evaluate_qa(config, params, mesh) -> dict:
         per_question[key][1] += 1
         if len(examples) < 6:
           examples.append({"question": t["q"].split("\n")[0], "reference": t["a"], "answer": a})
-  out = {"qa_videos": len(rows) - skipped, "qa_skipped": skipped}
+  out = {"qa_videos": len(rows) - skipped, "qa_skipped": skipped,
+         "data": {"items": len(rows) - skipped, "refused_at_parse": dict(refused), "skipped": dict(reasons)}}
   if stats["mc"][1]:
     out["mc_accuracy"] = 100.0 * stats["mc"][0] / stats["mc"][1]
     out["mc_questions"] = stats["mc"][1]

@@ -11,6 +11,7 @@ captions per video). All numbers are percentages.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ class RetrievalSet:
   skipped: list[str]
   audio: Optional[np.ndarray] = None      # (Nv, 998, 64) fbank when the spec asks for audio
   has_audio: Optional[np.ndarray] = None  # (Nv,) bool
+  data: Optional[dict] = None             # counts: items, refused rows / skipped items per reason
 
   @property
   def vid2txt(self) -> list[list[int]]:
@@ -50,10 +52,12 @@ class RetrievalSet:
 
 
 def _collect(corpus: dict, caption_field: str, load, what: str, limit: Optional[int]):
-  """(items, texts, text -> item, keys, skipped) of a corpus: `load(rec, i)` gives the item or
-  raises SkipExample / AudioReadError; rows without `caption_field` are skipped too."""
+  """(items, texts, text -> item, keys, skipped, data counts) of a corpus: `load(rec, i)` gives
+  the item or raises SkipExample / AudioReadError; rows whose `caption_field` is missing or
+  unusable are refused when the annotations are parsed."""
   from internvideo2_jax.data.audio import AudioReadError
-  records = sources.open_corpus(corpus)
+  refused, reasons = collections.Counter(), collections.Counter()
+  records = sources.open_corpus(corpus, skipped=refused, uses=(caption_field,))
   items, texts, t2i, keys, skipped = [], [], [], [], []
   n = len(records) if limit is None else min(limit, len(records))
   for i in range(n):
@@ -63,19 +67,23 @@ def _collect(corpus: dict, caption_field: str, load, what: str, limit: Optional[
       item = load(rec, i)
     except (SkipExample, AudioReadError) as e:
       skipped.append(str(e))
+      reasons[getattr(e, "reason", "no_audio")] += 1
       log.warning("%s set: skipping %s", what, e)
       continue
-    if not caps:
+    if not caps:  # packed records (annotation rows were checked at parse time)
       skipped.append(f"{rec['key']}: no {caption_field}")
+      reasons["bad_caption"] += 1
       continue
     for c in caps:
       texts.append(text_lib.pre_text(c))
       t2i.append(len(items))
     items.append(item)
     keys.append(rec["key"])
+  data = {"items": len(items), "refused_at_parse": dict(refused), "skipped": dict(reasons)}
   if not items:
-    raise ValueError(f"{what} set {corpus.get('path')}: no usable {what} ({len(skipped)} skipped)")
-  return items, texts, np.asarray(t2i), keys, skipped
+    raise ValueError(f"{what} set {corpus.get('path')}: no usable {what} "
+                     f"(refused rows {dict(refused) or 0}, skipped {dict(reasons) or 0})")
+  return items, texts, np.asarray(t2i), keys, skipped, data
 
 
 def load_retrieval_set(corpus: dict, spec: LoadSpec, caption_field: str = "captions",
@@ -83,11 +91,11 @@ def load_retrieval_set(corpus: dict, spec: LoadSpec, caption_field: str = "capti
   """Decodes every video of an annotation corpus with the test transform; all captions kept."""
   spec = dataclasses.replace(spec, train=False, mask="none", text=False, crop="squash",
                              sample="middle" if spec.sample != "segments" else "segments")
-  items, texts, t2v, keys, skipped = _collect(
+  items, texts, t2v, keys, skipped, data = _collect(
       corpus, caption_field, lambda rec, i: load_example(rec, spec, np.random.default_rng(i)), "video", limit)
   audio = np.stack([x["audio"] for x in items]) if spec.audio else None
   has_audio = np.asarray([bool(x["has_audio"]) for x in items]) if spec.audio else None
-  return RetrievalSet(np.stack([x["video"] for x in items]), texts, t2v, keys, skipped, audio, has_audio)
+  return RetrievalSet(np.stack([x["video"] for x in items]), texts, t2v, keys, skipped, audio, has_audio, data)
 
 
 def recall_metrics(v2t: np.ndarray, t2v: np.ndarray, txt2vid: np.ndarray) -> dict[str, float]:
@@ -268,6 +276,7 @@ class AudioSet:
   txt2aud: np.ndarray
   keys: list[str]
   skipped: list[str]
+  data: Optional[dict] = None
 
 
 def load_audio_set(corpus: dict, *, audio_seconds: float = 10.0, caption_field: str = "captions",
@@ -282,8 +291,8 @@ def load_audio_set(corpus: dict, *, audio_seconds: float = 10.0, caption_field: 
                                    name=rec["audio"] or rec["path"] or rec["key"])
     return audio_lib.fbank_features(audio_lib.crop_or_pad(wave, audio_seconds), target_frames=frames)[0]
 
-  items, texts, t2a, keys, skipped = _collect(corpus, caption_field, load, "audio", limit)
-  return AudioSet(np.stack(items), texts, t2a, keys, skipped)
+  items, texts, t2a, keys, skipped, data = _collect(corpus, caption_field, load, "audio", limit)
+  return AudioSet(np.stack(items), texts, t2a, keys, skipped, data)
 
 
 def evaluate_audio_retrieval(encoder: AVEncoder, aset: AudioSet, *, tokenizer, max_txt_l: int,

@@ -122,7 +122,7 @@ def run(config, workdir: str) -> dict:
                                              templates=classification.AUDIO_TEMPLATES, **kw)
       print(f"zero-shot audio classification over {len(names)} classes: top-1 {res['top1']:.1f}%  "
             f"top-5 {res['top5']:.1f}%")
-  res["skipped"] = rset.skipped
+  res["skipped"], res["data"] = rset.skipped, rset.data
   path = os.path.join(workdir, f"eval_{task}.json")
   if jax.process_index() == 0:
     retrieval.save_json(res, path)

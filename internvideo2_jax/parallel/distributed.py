@@ -70,16 +70,23 @@ def initialize(cfg=None) -> str:
     return f"process {jax.process_index()} of {jax.process_count()} (already initialised)"
   kwargs = _explicit(cfg)
   timeout = int(cfg.get("timeout_s", 300)) if cfg is not None else 300
-  if kwargs:
-    jax.distributed.initialize(**kwargs, initialization_timeout=timeout)
-    how = f"coordinator {kwargs['coordinator_address']}"
-  elif mode == "auto" and (env := _detected_cluster()) is not None:
-    jax.distributed.initialize(initialization_timeout=timeout)
-    how = f"{env.__name__} detected"
-  else:
+  if not kwargs and not (mode == "auto" and (env := _detected_cluster()) is not None):
     return "single process"
+  _cpu_collective_timeout(timeout)
+  jax.distributed.initialize(**kwargs, initialization_timeout=timeout, shutdown_timeout_seconds=timeout)
+  how = f"coordinator {kwargs['coordinator_address']}" if kwargs else f"{env.__name__} detected"
   return (f"process {jax.process_index()} of {jax.process_count()} ({how}); "
           f"{jax.local_device_count()} local of {jax.device_count()} devices")
+
+
+def _cpu_collective_timeout(seconds: int) -> None:
+  """CPU (gloo) collectives give up when the processes arrive more than 30 s apart, which a
+  loaded host reaches easily (one process compiling or writing files while the others wait):
+  the same `distributed.timeout_s` applies to them. XLA reads XLA_FLAGS when the backend starts,
+  which is after this point; the flag is a no-op on GPU and TPU. A value already set wins."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "--xla_cpu_collective_timeout_seconds" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_collective_timeout_seconds={seconds}".strip()
 
 
 def is_main() -> bool:
@@ -127,6 +134,19 @@ def any_process(flag: bool) -> bool:
   return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
 
 
+def sum_processes(values):
+  """The elementwise sum of a small host vector over all processes, the same everywhere (a
+  collective: every process calls it at the same point, e.g. the data counts at a log step)."""
+  import numpy as np
+  values = np.asarray(values)
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  if "sum_processes" not in _barriers:  # the first call compiles: let every host get here first
+    sync("sum_processes")
+  return np.asarray(multihost_utils.process_allgather(values)).reshape(-1, *values.shape).sum(axis=0)
+
+
 def make_dirs(path: str) -> None:
   """Creates a directory (local or gs://...) once, on process 0."""
   if is_main():
@@ -134,4 +154,4 @@ def make_dirs(path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-__all__ = ["initialize", "is_main", "sync", "compiled", "any_process", "make_dirs"]
+__all__ = ["initialize", "is_main", "sync", "compiled", "any_process", "sum_processes", "make_dirs"]

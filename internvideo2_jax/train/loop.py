@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from internvideo2_jax.data.pipeline import skip_summary
+from internvideo2_jax.data.accounting import DataReport
 from internvideo2_jax.parallel import distributed, sharding
 from internvideo2_jax.train import optimizer as opt_lib, state as state_lib
 from internvideo2_jax.train.checkpoint import Checkpointer
@@ -49,7 +49,7 @@ class Setup:
   state: state_lib.TrainState
   tx: optax.GradientTransformation
   step_fn: Callable                     # pure (state, batch, rng, num_visible) -> (state, metrics)
-  data: Callable[[int], Any]            # start batch -> grain dataset of host batches
+  data: Callable[..., Any]              # (start batch, report=DataReport) -> dataset of host batches
   flops_per_step: Callable[[dict], float]  # host batch -> FLOPs of one step
   evaluate: Optional[Callable[[Any], dict]] = None   # params -> {name: scalar}
   finish: Optional[Callable[[Any, str], None]] = None  # (params, workdir) after training
@@ -126,7 +126,10 @@ def _train(cfg, workdir: str, setup: Setup, writer: MetricWriter) -> dict:
       print(f"resumed from {ckpt.directory} at step {start} on {jax.process_count()} process(es) x "
             f"{jax.local_device_count()} devices", flush=True)
     writer.truncate_after(start)  # records of steps the resumed run will redo are dropped
-    it = iter(setup.data(start))
+    report = DataReport()
+    it = iter(setup.data(start, report=report))
+    if report.corpora and jax.process_index() == 0:
+      print(report.table(), flush=True)
     repl = NamedSharding(mesh, P())
     compiled = {}
     compile_time = [0.0]  # excluded from the throughput numbers
@@ -148,7 +151,8 @@ def _train(cfg, workdir: str, setup: Setup, writer: MetricWriter) -> dict:
         compiled[key] = exe
       return compiled[key], batch
 
-    return _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time)
+    return _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time,
+                 report)
   finally:
     ckpt.close()
 
@@ -166,7 +170,8 @@ def compile_step(step_fn, state, batch, rng, mesh, rules, state_sh, batch_sh, nu
   return exe
 
 
-def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time):
+def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time,
+          report: DataReport):
   tc = cfg.train
   total = int(tc.total_steps)
   stop_at = int(tc.get("stop_at_step", 0)) or total
@@ -176,6 +181,7 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
   acc = None
   t_log, n_log, flops_log, log_start = time.perf_counter(), 0, 0.0, start
   procs = jax.process_count()
+  writer_started = False
   with _Preempted() as pre:
     step = saved = start
     stop = False
@@ -184,6 +190,7 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
       exe, batch = get_step(host)
       state, metrics = exe(state, batch, rng)
       acc = metrics if acc is None else acc.merge(metrics)
+      report.add_batch(host)
       step += 1
       n_log += len(host["video"]) * procs            # every process loads an equal slice
       flops_log += setup.flops_per_step(host) * procs
@@ -195,8 +202,10 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
         values["tflops_per_s"] = flops_log / dt / 1e12
         if peak:
           values["mfu"] = flops_log / dt / peak
-        skipped = skip_summary(host)  # this process's slice
-        values.update({f"data_skipped/{k}": v for k, v in skipped.items()})
+        values.update(report.flush(distributed.sum_processes))  # the interval's, all processes
+        if not writer_started:  # the first record of the run
+          writer_started = True
+          values.update({f"data_refused_at_parse/{k}": float(v) for k, v in report.parse_dropped().items()})
         writer.write(step, values, prefix="train/")
         acc, t_log, n_log, flops_log, log_start = None, time.perf_counter(), 0, 0.0, step
       if setup.evaluate and eval_every and step % eval_every == 0 and step < total:
@@ -212,15 +221,18 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
     if saved != step:
       ckpt.save(step, state, cfg, force=True)
       ckpt.wait()
+    report.flush(distributed.sum_processes)  # steps after the last log line
+    print(report.summary_line(), flush=True)
     if stop or step < total:
       why = "after SIGTERM" if stop else f"at train.stop_at_step={stop_at}"
       print(f"saved step {step} to {ckpt.directory}; exiting {why}", flush=True)
-      return {"preempted_at": step}
+      return {"preempted_at": step, "data": report.summary()}
   if setup.evaluate:
     results = _evaluate(setup, state, writer, step)
   if setup.finish:
     setup.finish(state.params, workdir)
   results["step"] = step
+  results["data"] = report.summary()
   return results
 
 

@@ -190,7 +190,8 @@ def run(config, workdir: str) -> dict:
 
   state = loop.materialize(parts, mesh, load=load)
   model_cfg = ml_collections.ConfigDict(dict(v.to_dict(), num_frames=2 * v.num_frames))
-  ds = lambda start: pipeline.make_pipeline(data, model_cfg, stage="stage1", start_batch=start)  # noqa: E731
+  ds = lambda start, report=None: pipeline.make_pipeline(  # noqa: E731
+      data, model_cfg, stage="stage1", start_batch=start, report=report)
 
   def finish(params, wd):
     host = jax.tree.map(sharding.to_host, params["student"])  # a collective: every process gathers

@@ -311,7 +311,8 @@ def run(config, workdir: str) -> dict:
       print(f"vision tower initialised from {config.model.vision_init}", flush=True)
 
   state = loop.materialize(parts, mesh, load=load)
-  ds = lambda start: pipeline.make_pipeline(data, mcfg.vision, stage="stage2", start_batch=start)  # noqa: E731
+  ds = lambda start, report=None: pipeline.make_pipeline(  # noqa: E731
+      data, mcfg.vision, stage="stage2", start_batch=start, report=report)
   print(f"model: vision {sum_params(state.params, 'vision_encoder'):,} + text "
         f"{sum_params(state.params, 'text_encoder'):,} parameters; training {len(parts.trainable)} of "
         f"{len(opt_lib.flatten(state.params))} tensors; mesh {dict(mesh.shape)}", flush=True)

@@ -277,7 +277,8 @@ def run(config, workdir: str) -> dict:
         f"training {parts.extra['n_trainable']:,} in {len(parts.trainable)} tensors; mesh {dict(mesh.shape)}",
         flush=True)
   v = config.model.vision
-  ds = lambda start: pipeline.make_pipeline(config.data, v, stage="stage3", start_batch=start)  # noqa: E731
+  ds = lambda start, report=None: pipeline.make_pipeline(  # noqa: E731
+      config.data, v, stage="stage3", start_batch=start, report=report)
 
   eval_fn = None
   if config.eval.qa.get("path"):
