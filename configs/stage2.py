@@ -35,6 +35,7 @@ def get_config(arg=None):
   m.temp = 0.07
   m.text_init = ""          # "minilm" | a HF BERT directory | "" (random init from m.text)
   m.vision_init = ""        # official vision checkpoint (.pth/.safetensors/.npz), e.g. stage 1
+  m.vision_init_partial = False  # True: load the matching part of a different-shaped checkpoint
   m.freeze_vision = False
   m.freeze_text = False
   m.unfreeze_keys = ()
@@ -58,7 +59,8 @@ def get_config(arg=None):
   t.loss = ml_collections.ConfigDict({"vtc": 1.0, "vtm": 1.0, "mlm": 1.0})
   t.vtc_scale = "1.0"       # "official" = 1 / number of data shards (reference §11.1)
   t.mlm_prob = 0.5
-  t.mlm_max_positions = 16
+  t.mlm_max_positions = 0   # 0: every masked position in the loss (exact); > 0: a speed cap
+                            # (positions beyond it are dropped and counted as mlm_dropped)
   t.total_steps = 10000
   t.log_every = 50
   t.eval_every = 1000

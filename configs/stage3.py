@@ -35,6 +35,7 @@ def get_config(arg=None):
 
   m = c.model = ml_collections.ConfigDict()
   m.vision_init = ""        # stage-2 export / official checkpoint (vision_encoder.* keys)
+  m.vision_init_partial = False  # True: load the matching part of a different-shaped checkpoint
   m.qformer_init = ""       # BLIP-2 / VideoChat2 QFormer weights (Qformer.bert.* / qformer.bert.*)
   m.llm_init = ""           # HF directory of a Mistral / Llama / Qwen2 model
   m.init = ""               # a whole stage-3 model in the official InternVideo2-Chat layout

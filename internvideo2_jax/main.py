@@ -78,8 +78,25 @@ def start_runtime(config, job: str) -> None:
     print(f"multi-host: {where}", flush=True)
 
 
+def _parse_flags(argv):
+  """absl's parsing, with ml-collections' unknown-key errors (an escaped KeyError inside an
+  AttributeError, then a traceback) turned into one line naming the flag and the suggestion."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    inner = e.args[0] if e.args else e
+    text = inner.args[0] if isinstance(inner, BaseException) and inner.args else str(inner)
+    key = str(text).split("\n")[0].strip("'\"")
+    culprit = next((a for a in argv[1:] if a.startswith("--config.") and key and key in a), "")
+    hint = " ".join(line for line in str(text).split("\n")[1:] if line)
+    sys.exit(f"unknown config key {key!r}" + (f" in {culprit.split('=')[0]}" if culprit else "")
+             + (f": {hint}" if hint else "") + " (the config file's keys are the valid ones)")
+  except flags.Error as e:
+    sys.exit(f"bad command line: {e}")
+
+
 def run() -> None:
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,37 @@ def test_mismatches_are_listed_together():
     vision_from_state_dict(sd, vit_preset("tiny"), strict=False)
 
 
+def test_vision_init_refuses_a_deeper_checkpoint_unless_partial(tmp_path):
+  """`model.vision_init` with a deeper checkpoint of the same width: an error naming the key and
+  the remedy; with vision_init_partial the matching blocks load and the rest is named."""
+  from internvideo2_jax.convert.official import load_vision_init
+  deep = ref.random_state_dict(np.random.default_rng(0), d=64, depth=3, mlp_hidden=256, clip_dim=32)
+  path = tmp_path / "deep.safetensors"
+  cio.save_state_dict(deep, path)
+  with pytest.raises(cio.CheckpointError, match=r"(?s)model.vision_init=.*deep.safetensors.*more blocks "
+                                                r"than depth=2.*vision_init_partial=True"):
+    load_vision_init(str(path), vit_preset("tiny"))
+  got = {}
+  msg = load_vision_init(str(path), vit_preset("tiny"), partial=True, sink=lambda p, v: got.__setitem__(p, v))
+  assert "partially" in msg and "blocks.2.attn.qkv.weight" in msg
+  out = vision_to_state_dict({"params": _unflatten(got)}, vit_preset("tiny"))
+  for k in out:
+    np.testing.assert_array_equal(out[k], deep[k])
+  same = tmp_path / "same.safetensors"  # a checkpoint that matches loads strictly, nothing left out
+  cio.save_state_dict(_sd(), same)
+  assert "partially" not in load_vision_init(str(same), vit_preset("tiny"))
+
+
+def _unflatten(flat: dict) -> dict:
+  tree: dict = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
 def test_position_tables_are_interpolated_on_load():
   sd8 = ref.random_state_dict(np.random.default_rng(1), d=64, depth=2, mlp_hidden=256,
                               clip_dim=32, n_tokens=8 * 16)

@@ -289,3 +289,33 @@ def test_clip_window_and_per_source_flip(corpus):
     outs = [load_example(r, train, np.random.default_rng(s))["video"] for s in range(12)]
     return {bool(np.array_equal(o, outs[0][:, :, ::-1])) for o in outs}
   assert True in flips("webvid") and True not in flips("ssv2")
+
+
+def test_skip_counts_are_summed_over_each_interval_across_processes():
+  """data_skipped/* is the interval's sum over every batch and process (not the last batch's),
+  data_skipped_total/* the run's; a reason seen once keeps reporting (0 when quiet)."""
+  report = DataReport()
+  report.add_corpus("a.json", 10, {"bad_caption": 2})
+
+  def batch(**counts):
+    skipped = np.zeros((4, len(REASONS)), np.int32)
+    for reason, n in counts.items():
+      skipped[0, REASONS.index(reason)] = n
+    return {"index": np.arange(4), "skipped": skipped}
+
+  for b in (batch(missing_file=1), batch(), batch(missing_file=2, error=1)):
+    report.add_batch(b)
+  one = DataReport()  # one process: the reduce returns its input, which must not be lost
+  one.add_batch(batch(missing_file=1))
+  assert one.flush(lambda v: v)["data_skipped/missing_file"] == 1.0 and one.examples == 4
+  two_processes = lambda v: 2 * v  # noqa: E731 - the other process saw the same
+  first = report.flush(two_processes)
+  assert first == {"data_skipped/missing_file": 6.0, "data_skipped/error": 2.0,
+                   "data_skipped_total/missing_file": 6.0, "data_skipped_total/error": 2.0}
+  report.add_batch(batch())
+  second = report.flush(two_processes)
+  assert second["data_skipped/missing_file"] == 0.0 and second["data_skipped_total/missing_file"] == 6.0
+  summary = report.summary()
+  assert summary["examples_loaded"] == 32 and summary["replaced"] == {"missing_file": 6, "error": 2}
+  assert summary["refused_at_parse"] == {"bad_caption": 2}
+  assert "a.json: 10 rows; refused: bad_caption 2" in report.table()

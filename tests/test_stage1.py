@@ -187,6 +187,17 @@ def test_tiny_stage1_run_learns_resumes_and_hands_over_to_stage2(tmp_path):
   s2.model.vision_init = os.path.join(wd, "export", "stage1_official_layout.safetensors")
   s2.data.synthetic_dir, s2.data.synthetic_train, s2.data.synthetic_val, s2.data.synthetic_size = syn + "2", 8, 4, 32
   s2.data.corpora = ({"format": "json", "path": f"{syn}2/train.json", "data_root": syn + "2"},)
-  s2.train.total_steps = 1
+  s2.train.total_steps, s2.train.log_every, s2.train.mlm_max_positions = 1, 1, 4
+  # a caption with a lone surrogate is refused when parsed, and the run says so
+  from internvideo2_jax.data import synthetic
+  synthetic.write_corpus(syn + "2", train=8, val=4, size=32)
+  rows = json.load(open(f"{syn}2/train.json"))
+  json.dump(rows + [dict(rows[0], captions="broken \ud800")], open(f"{syn}2/train.json", "w"))
   res = stage2.run(s2, str(tmp_path / "s2"))
   assert res["step"] == 1 and "match" in res
+  assert res["data"]["refused_at_parse"] == {"bad_caption": 1} and res["data"]["examples_loaded"] == 8
+  record = json.loads(open(tmp_path / "s2" / "metrics.jsonl").readline())
+  assert record["train/data_refused_at_parse/bad_caption"] == 1
+  assert record["train/mlm_dropped"] >= 0  # the capped MLM (a speed option) counts what it drops
+  saved = json.load(open(tmp_path / "s2" / "eval_results.json"))
+  assert saved["data"]["refused_at_parse"] == {"bad_caption": 1}

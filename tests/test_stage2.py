@@ -88,10 +88,16 @@ def test_mlm_masking_rules():
   assert (m == 103).mean() == pytest.approx(0.8, abs=0.02)
   assert ((m != 103) & (m == orig)).mean() == pytest.approx(0.1, abs=0.02)
   assert np.array_equal(np.asarray(masked)[~chosen], np.asarray(ids)[~chosen])
-  pos, valid = L.select_positions(jnp.asarray(chosen[:3]), 4)
+  pos, valid, dropped = L.select_positions(jnp.asarray(chosen[:3]), 4)
   for r in range(3):
     want = np.flatnonzero(chosen[r])[:4]
     np.testing.assert_array_equal(np.asarray(pos[r])[np.asarray(valid[r])], want)
+  assert float(dropped) == np.maximum(chosen[:3].sum(1) - 4, 0).sum()
+  # the default keeps every chosen position (31-token captions at prob 0.5: a 16 cap drops some)
+  many = np.asarray(jax.random.bernoulli(jax.random.key(1), 0.5, (512, 32)))
+  pos, valid, dropped = L.select_positions(jnp.asarray(many))
+  assert float(dropped) == 0 and int(valid.sum()) == many.sum()
+  assert float(L.select_positions(jnp.asarray(many), 16)[2]) > 0
   assert L.cross_entropy(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32),
                          jnp.asarray([[1, 0, 0], [0, 0, 0]], jnp.float32)) == pytest.approx(np.log(5))
 

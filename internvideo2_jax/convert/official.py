@@ -163,14 +163,16 @@ _RESIZABLE = ("pos_embed", "img_pos_embed", "pos_embed_spatial", "pos_embed_temp
 def vision_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
                            checkpoint_num_frames: Optional[int] = None,
                            strict: bool = True,
-                           sink: Optional[Callable[[tuple, np.ndarray], None]] = None) -> dict:
+                           sink: Optional[Callable[[tuple, np.ndarray], None]] = None,
+                           ignored: Optional[list] = None) -> dict:
   """Official vision-encoder state dict -> `{'params': ...}` for `VisionEncoder(config)`.
 
   Accepts the encoder's own keys, or a whole stage-2/CLIP model (only `vision_encoder.*` is
   read). Position tables of another frame count or resolution are interpolated
   (`checkpoint_num_frames` disambiguates when needed). Missing keys, unknown keys (if
   `strict`) and mis-shaped tensors are collected and raised together as one CheckpointError.
-  Keys of other heads (decoders, classifier) are skipped. With `sink(path, value)` each
+  Keys of other heads (decoders, classifier) are skipped; with `strict=False` the other unknown
+  keys (e.g. the extra blocks of a deeper checkpoint) are too, listed in `ignored`. With `sink(path, value)` each
   converted leaf goes there as soon as it is ready instead of into the returned tree (streaming
   into sharded arrays: the host holds one leaf at a time); the problems are still raised.
   """
@@ -213,12 +215,34 @@ def vision_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
     if k.startswith(_OTHER_HEADS) or (not spec.attn_pool and k.startswith("clip_projector.")):
       continue
     unexpected.append(k)
-  more_blocks = any(k.startswith("blocks.") and int(k.split(".")[1]) >= spec.depth for k in unexpected)
+  more_blocks = any(k.startswith("blocks.") and k.split(".")[1].isdigit() and int(k.split(".")[1]) >= spec.depth
+                    for k in unexpected)
+  if not strict and ignored is not None:
+    ignored.extend(unexpected)
   error = mismatch_error("vision encoder checkpoint", missing, misshaped, unexpected if strict else (),
                          f" (the checkpoint has more blocks than depth={spec.depth})" if more_blocks else "")
   if error:
     raise error
   return {"params": params}
+
+
+def load_vision_init(path: str, config: Any, *, partial: bool = False,
+                     sink: Optional[Callable[[tuple, np.ndarray], None]] = None) -> str:
+  """`model.vision_init`: the vision tower from an official / exported checkpoint file, leaf by
+  leaf into `sink`. Every mismatch is an error (a deeper checkpoint of the same width would
+  otherwise load with its extra blocks silently dropped) unless `partial`
+  (`model.vision_init_partial`), which loads what matches and says what it left out."""
+  from internvideo2_jax.convert.io import load_state_dict
+  ignored: list = []
+  try:
+    vision_from_state_dict(load_state_dict(path), config, strict=not partial, sink=sink, ignored=ignored)
+  except CheckpointError as e:
+    raise CheckpointError(f"model.vision_init={path}: {e}" + (
+        "" if partial else "\n(set model.vision_init_partial=True to load only the matching part)")) from e
+  if not ignored:
+    return f"vision encoder from {path}"
+  shown = ", ".join(ignored[:8]) + (f", ... (+{len(ignored) - 8} more)" if len(ignored) > 8 else "")
+  return f"vision encoder from {path}, partially: {len(ignored)} checkpoint tensors left out: {shown}"
 
 
 def vision_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:

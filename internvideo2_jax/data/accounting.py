@@ -55,7 +55,7 @@ class DataReport:
   def flush(self, reduce: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> dict[str, float]:
     """Metrics of the interval since the last flush (global sums), then resets it. Every
     process must call it at the same step when `reduce` is a collective."""
-    counts = np.asarray(reduce(self._interval) if reduce else self._interval)
+    counts = np.array(reduce(self._interval) if reduce else self._interval)  # a copy: reset below
     self._interval[:] = 0
     self.examples += int(counts[-1])
     interval = {r: int(c) for r, c in zip(REASONS, counts[:-1]) if c}

@@ -274,7 +274,8 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
       if report is not None:
         report.add_corpus(corpus["path"], len(records), refused)
       if isinstance(records, sources.RecordList):
-        kinds = collections.Counter(r["media"] for r in records.records)
+        # (audio-only rows are evaluation rows: a training stage replaces them, counted)
+        kinds = collections.Counter(r["media"] for r in records.records if r["media"] != "audio")
         if len(kinds) > 1:  # one corpus = one media type, so every batch has one frame count
           raise ValueError(f"{corpus['path']}: mixes media types {dict(kinds)}; split it into one "
                            "corpus per media type (they are mixed batch by batch)")

@@ -129,12 +129,17 @@ def mlm_mask(key, ids, *, vocab_size: int, mask_token_id: int, pad_token_id: int
   return masked, ids, chosen
 
 
-def select_positions(chosen, max_positions: int):
-  """Up to `max_positions` chosen positions per row (first ones), with a validity mask.
+def select_positions(chosen, max_positions: int = 0):
+  """The chosen positions of each row (first ones first), a validity mask, and how many chosen
+  positions did not fit (summed over the batch).
 
-  The vocab projection of the MLM head is then computed only there; with captions of a few
-  words and prob 0.5 a small bound loses nothing (positions beyond it are rare and dropped).
+  The vocab projection of the MLM head is then computed only there. `max_positions <= 0` keeps
+  room for every position (exact: the official loss averages over all masked tokens); a smaller
+  bound is a speed option that drops the positions beyond it from the loss (counted).
   """
-  order = jnp.argsort(~chosen, axis=1, stable=True)[:, :max_positions]
+  length = chosen.shape[1]
+  keep = length if max_positions <= 0 else min(max_positions, length)
+  order = jnp.argsort(~chosen, axis=1, stable=True)[:, :keep]
   valid = jnp.take_along_axis(chosen, order, axis=1)
-  return order.astype(jnp.int32), valid
+  dropped = chosen.sum() - valid.sum()
+  return order.astype(jnp.int32), valid, dropped.astype(jnp.float32)

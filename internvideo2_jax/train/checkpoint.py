@@ -42,6 +42,11 @@ class Checkpointer:
   def __init__(self, directory, *, max_to_keep: int = 3, save_interval_steps: int = 1,
                async_save: bool = True):
     self.directory = resolve_dir(directory)
+    from internvideo2_jax.parallel import distributed
+    # Orbax's first cross-process collective (in the manager's constructor) sets up a CPU (gloo)
+    # context that waits only 30 s for the other processes, whatever the collective timeout:
+    # on a loaded host they can be minutes apart after model set-up, so they meet here first.
+    distributed.sync("checkpoint manager")
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,

@@ -82,7 +82,7 @@ def stage2_train_flops(cfg, *, batch: int, frames: int, visible_tokens: int, tex
   if w.get("vtm", 0):
     per_example += 3 * fusion
   if w.get("mlm", 0):
-    p = cfg.train.mlm_max_positions
+    p = int(cfg.train.get("mlm_max_positions", 0)) or text_len
     per_example += text + fusion + 2 * p * (h * h + h * t.vocab_size)
   return 3.0 * batch * per_example
 

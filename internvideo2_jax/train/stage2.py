@@ -74,7 +74,7 @@ def stage2_losses(model: Stage2Model, params, batch, rng, cfg, *, num_visible, g
     masked, targets, chosen = L.mlm_mask(k_mlm, ids, vocab_size=tc.vocab_size,
                                          mask_token_id=cfg.mask_token_id, pad_token_id=tc.pad_token_id,
                                          cls_token_id=cfg.cls_token_id, prob=cfg.mlm_prob)
-    pos, valid = L.select_positions(chosen, cfg.mlm_max_positions)
+    pos, valid, out["mlm_dropped"] = L.select_positions(chosen, cfg.get("mlm_max_positions", 0))
     logits = model.apply(p, masked, tmask, x_vis, pos, method=Stage2Model.mlm_logits,
                          rngs={"dropout": k_drop_m})
     out["mlm"] = L.cross_entropy(logits, jnp.take_along_axis(targets, pos, axis=1),
@@ -108,6 +108,11 @@ def make_step(model, tx: optax.GradientTransformation, cfg, *, groups: int,
   with shardings and donation (`num_visible` is static: a mask ratio gives a fixed count)."""
   losses_fn = losses_fn or stage2_losses
   weights = {k: float(cfg.loss.get(k, 0.0)) for k in names}
+  # with the speed option mlm_max_positions > 0, positions it dropped from the loss are counted
+  capped = int(cfg.get("mlm_max_positions", 0)) > 0 and any(weights.get(k) for k in names if "mlm" in k)
+  if capped:
+    metrics_cls = clu_metrics.Collection.create(
+        **metrics_cls.__annotations__, mlm_dropped=clu_metrics.Average.from_output("mlm_dropped"))
 
   def step(state: TrainState, batch, rng, num_visible=None):
     rng = jax.random.fold_in(rng, state.step)
@@ -134,7 +139,8 @@ def make_step(model, tx: optax.GradientTransformation, cfg, *, groups: int,
     metrics = metrics_cls.single_from_model_output(
         loss=total, **{k: parts.get(k, zero) for k in names}, grad_norm=gnorm, temp=parts["temp"],
         lr=lr_fn(state.step) if lr_fn is not None else zero,
-        skipped_updates=new_state.skipped)
+        skipped_updates=new_state.skipped,
+        **({"mlm_dropped": sum(v for k, v in parts.items() if k.endswith("mlm_dropped"))} if capped else {}))
     return new_state, metrics
 
   return step
@@ -278,8 +284,7 @@ def step_parts(config, mesh, mcfg=None):
 def run(config, workdir: str) -> dict:
   """Stage-2 training job (main job of the README)."""
   from internvideo2_jax.convert import bert as bert_conv
-  from internvideo2_jax.convert.io import load_state_dict
-  from internvideo2_jax.convert.official import vision_from_state_dict
+  from internvideo2_jax.convert.official import load_vision_init
   from internvideo2_jax.data import pipeline
   from internvideo2_jax.data.loader import LoadSpec
   from internvideo2_jax.evaluate import retrieval
@@ -305,10 +310,9 @@ def run(config, workdir: str) -> dict:
       bert_conv.load_hf_bert(d, mcfg.text, sink=placer.sink(("text_encoder",)))  # leaf by leaf
       print(f"text tower initialised from {d}", flush=True)
     if config.model.get("vision_init"):
-      sd = load_state_dict(config.model.vision_init)
-      vision_from_state_dict(sd, mcfg.vision, strict=False,  # leaf by leaf into the shards
-                             sink=placer.sink(("vision_encoder",)))
-      print(f"vision tower initialised from {config.model.vision_init}", flush=True)
+      print(load_vision_init(config.model.vision_init, mcfg.vision,  # leaf by leaf into the shards
+                             partial=bool(config.model.get("vision_init_partial", False)),
+                             sink=placer.sink(("vision_encoder",))), flush=True)
 
   state = loop.materialize(parts, mesh, load=load)
   ds = lambda start, report=None: pipeline.make_pipeline(  # noqa: E731
@@ -326,15 +330,19 @@ def run(config, workdir: str) -> dict:
     if not corpus.get("path"):
       corpus.update(path=os.path.join(data.synthetic_dir, "val.json"), data_root=data.synthetic_dir)
     rset = retrieval.load_retrieval_set(corpus, spec, caption_field=config.eval.get("caption_field", "captions"))
-    print(f"eval: {len(rset.videos)} held-out videos, {len(rset.texts)} captions", flush=True)
+    dropped = {**rset.data["refused_at_parse"], **rset.data["skipped"]}
+    print(f"eval: {len(rset.videos)} held-out videos, {len(rset.texts)} captions"
+          + (f"; left out: {dropped}" if dropped else ""), flush=True)
 
     def eval_fn(params):
       enc_cls = retrieval.AVEncoder if audio else retrieval.Encoder
       enc = enc_cls(eval_model, params, mesh, batch_size=int(config.eval.batch_size),
                     norm=data.get("norm", "imagenet"))
       evaluate = retrieval.evaluate_av_retrieval if audio else retrieval.evaluate_retrieval
-      return evaluate(enc, rset, tokenizer=tok, max_txt_l=int(config.eval.max_txt_l),
-                      k_test=int(config.eval.k_test))
+      res = evaluate(enc, rset, tokenizer=tok, max_txt_l=int(config.eval.max_txt_l),
+                     k_test=int(config.eval.k_test))
+      res["eval_data"] = rset.data  # what the held-out set refused / skipped (counts)
+      return res
 
   def finish(params, wd):
     from internvideo2_jax.convert.official import stage2_av_to_state_dict, stage2_to_state_dict

@@ -38,10 +38,10 @@ def _mlm(model, p, key, ids, tmask, memory, cfg, weight_rows, rngs):
   masked, targets, chosen = L.mlm_mask(key, ids, vocab_size=tc.vocab_size, mask_token_id=cfg.mask_token_id,
                                        pad_token_id=tc.pad_token_id, cls_token_id=cfg.cls_token_id,
                                        prob=cfg.mlm_prob)
-  pos, valid = L.select_positions(chosen, cfg.mlm_max_positions)
+  pos, valid, dropped = L.select_positions(chosen, cfg.get("mlm_max_positions", 0))
   logits = model.apply(p, masked, tmask, memory, pos, method=Stage2AVModel.mlm_logits, rngs=rngs)
   w = valid.astype(jnp.float32) * weight_rows[:, None].astype(jnp.float32)
-  return L.cross_entropy(logits, jnp.take_along_axis(targets, pos, axis=1), w)
+  return L.cross_entropy(logits, jnp.take_along_axis(targets, pos, axis=1), w), dropped
 
 
 def av_losses(model: Stage2AVModel, params, batch, rng, cfg, *, num_visible, groups: int,
@@ -79,10 +79,10 @@ def av_losses(model: Stage2AVModel, params, batch, rng, cfg, *, num_visible, gro
   if w.get("avtm"):
     out["avtm"] = _matching(model, p, keys[3], "avtm_head", av, t, hidden, tmask, mem_av, sid, temp, groups, has, rngs)
   if w.get("mlm"):
-    out["mlm"] = _mlm(model, p, keys[4], ids, tmask, mem_v, cfg, every, rngs)
+    out["mlm"], out["mlm_dropped"] = _mlm(model, p, keys[4], ids, tmask, mem_v, cfg, every, rngs)
   if w.get("amlm"):
-    out["amlm"] = _mlm(model, p, keys[5], ids, tmask, mem_a, cfg, has, rngs)
+    out["amlm"], out["amlm_dropped"] = _mlm(model, p, keys[5], ids, tmask, mem_a, cfg, has, rngs)
   if w.get("avmlm"):
-    out["avmlm"] = _mlm(model, p, keys[6], ids, tmask, mem_av, cfg, has, rngs)
+    out["avmlm"], out["avmlm_dropped"] = _mlm(model, p, keys[6], ids, tmask, mem_av, cfg, has, rngs)
   out["temp"] = temp
   return out

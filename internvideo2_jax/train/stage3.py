@@ -223,10 +223,9 @@ def load_weights(config, placer) -> list[str]:
     videochat_from_state_dict(load_state_dict(mc.init), mc, sink=placer.sink(()))
     done.append(f"the whole model from {mc.init}")
   if mc.get("vision_init"):
-    from internvideo2_jax.convert.official import vision_from_state_dict
-    vision_from_state_dict(load_state_dict(mc.vision_init), mc.vision, strict=False,
-                           sink=placer.sink(("vision_encoder",)))
-    done.append(f"vision encoder from {mc.vision_init}")
+    from internvideo2_jax.convert.official import load_vision_init
+    done.append(load_vision_init(mc.vision_init, mc.vision, partial=bool(mc.get("vision_init_partial", False)),
+                                 sink=placer.sink(("vision_encoder",))))
   if mc.get("qformer_init"):
     from internvideo2_jax.convert.qformer import qformer_from_state_dict
     qformer_from_state_dict(load_state_dict(mc.qformer_init), mc.qformer, sink=placer.sink(("qformer",)))
