@@ -65,4 +65,4 @@ def run(config, workdir: str) -> dict:
   sheet = os.path.join(workdir, "batch.png")
   synthetic.write_png(sheet, _contact_sheet(first["video"]))
   print(f"contact sheet of the first batch: {sheet}")
-  return {"skipped": dict(skipped), "rows": dict(rows), "examples_per_s": clips / dt}
+  return {"skipped": dict(skipped), "rows": report.parse_dropped(), "examples_per_s": clips / dt}

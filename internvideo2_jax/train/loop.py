@@ -46,13 +46,22 @@ class Setup:
   """Everything a stage provides to the loop."""
   mesh: Any
   rules: Any
-  state: state_lib.TrainState
+  state: Any                            # a TrainState, or a LazyState (built only when no checkpoint)
   tx: optax.GradientTransformation
   step_fn: Callable                     # pure (state, batch, rng, num_visible) -> (state, metrics)
   data: Callable[..., Any]              # (start batch, report=DataReport) -> dataset of host batches
   flops_per_step: Callable[[dict], float]  # host batch -> FLOPs of one step
   evaluate: Optional[Callable[[Any], dict]] = None   # params -> {name: scalar}
   finish: Optional[Callable[[Any, str], None]] = None  # (params, workdir) after training
+
+
+@dataclasses.dataclass
+class LazyState:
+  """The state to train when no checkpoint exists: `make()` does the sharded init and loads the
+  pretrained weights (tens of seconds of compiling, minutes at scale), which a resumed run skips
+  (it restores the whole state into `abstract`'s shapes and shardings)."""
+  abstract: Any                         # TrainState of ShapeDtypeStructs with shardings
+  make: Callable[[], Any]
 
 
 class _Preempted:
@@ -118,13 +127,17 @@ def _train(cfg, workdir: str, setup: Setup, writer: MetricWriter) -> dict:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(tc.get("keep_checkpoints", 2)),
                       async_save=bool(tc.get("async_checkpoints", True)))
   try:  # the checkpointer closed on every path
-    state = setup.state
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    lazy = isinstance(setup.state, LazyState)
+    target = setup.state.abstract if lazy else setup.state
+    state_sh = jax.tree.map(lambda x: x.sharding, target)
     start = 0
     if ckpt.latest_step() is not None:
-      state, start = ckpt.restore(state)
+      state, start = ckpt.restore(target)
       print(f"resumed from {ckpt.directory} at step {start} on {jax.process_count()} process(es) x "
-            f"{jax.local_device_count()} devices", flush=True)
+            f"{jax.local_device_count()} devices" + (" (initialisation and pretrained weights skipped)"
+                                                     if lazy else ""), flush=True)
+    else:
+      state = setup.state.make() if lazy else setup.state
     writer.truncate_after(start)  # records of steps the resumed run will redo are dropped
     report = DataReport()
     it = iter(setup.data(start, report=report))
@@ -315,5 +328,5 @@ def materialize(parts: StepParts, mesh, load: Optional[Callable[[sharding.Placer
     return jax.jit(lambda p: state_lib.create(p, tx, trainable), out_shardings=out_sh)(params)
 
 
-__all__ = ["Setup", "StepParts", "train", "materialize", "abstract_state", "compile_step", "device_batch",
+__all__ = ["Setup", "LazyState", "StepParts", "train", "materialize", "abstract_state", "compile_step", "device_batch",
            "memory_report"]

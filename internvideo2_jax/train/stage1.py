@@ -188,7 +188,7 @@ def run(config, workdir: str) -> dict:
       teacher_conv.mae_teacher_from_state_dict(load_state_dict(config.model.mae_teacher_init),
                                                config.model.mae_teacher, sink=placer.sink(("teachers", "mae")))
 
-  state = loop.materialize(parts, mesh, load=load)
+  state = loop.LazyState(parts.abstract, lambda: loop.materialize(parts, mesh, load=load))
   model_cfg = ml_collections.ConfigDict(dict(v.to_dict(), num_frames=2 * v.num_frames))
   ds = lambda start, report=None: pipeline.make_pipeline(  # noqa: E731
       data, model_cfg, stage="stage1", start_batch=start, report=report)
@@ -200,8 +200,9 @@ def run(config, workdir: str) -> dict:
       save_state_dict(stage1_to_state_dict(host, student.config), path)
       print(f"exported the student in the official stage-1 key layout: {path}", flush=True)
 
-  print(f"student {sum(x.size for x in jax.tree.leaves(state.params['student'])):,} parameters; teachers "
-        f"{sum(x.size for x in jax.tree.leaves(state.params['teachers'])):,} (frozen); {n_vis} visible tokens",
+  shapes = state.abstract.params
+  print(f"student {sum(x.size for x in jax.tree.leaves(shapes['student'])):,} parameters; teachers "
+        f"{sum(x.size for x in jax.tree.leaves(shapes['teachers'])):,} (frozen); {n_vis} visible tokens",
         flush=True)
   setup = loop.Setup(mesh=mesh, rules=parts.rules, state=state, tx=parts.tx, step_fn=parts.step_fn, data=ds,
                      flops_per_step=parts.flops_per_step, finish=finish)

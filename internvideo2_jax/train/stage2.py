@@ -314,12 +314,13 @@ def run(config, workdir: str) -> dict:
                              partial=bool(config.model.get("vision_init_partial", False)),
                              sink=placer.sink(("vision_encoder",))), flush=True)
 
-  state = loop.materialize(parts, mesh, load=load)
+  state = loop.LazyState(parts.abstract, lambda: loop.materialize(parts, mesh, load=load))
   ds = lambda start, report=None: pipeline.make_pipeline(  # noqa: E731
       data, mcfg.vision, stage="stage2", start_batch=start, report=report)
-  print(f"model: vision {sum_params(state.params, 'vision_encoder'):,} + text "
-        f"{sum_params(state.params, 'text_encoder'):,} parameters; training {len(parts.trainable)} of "
-        f"{len(opt_lib.flatten(state.params))} tensors; mesh {dict(mesh.shape)}", flush=True)
+  shapes = state.abstract.params
+  print(f"model: vision {sum_params(shapes, 'vision_encoder'):,} + text "
+        f"{sum_params(shapes, 'text_encoder'):,} parameters; training {len(parts.trainable)} of "
+        f"{len(opt_lib.flatten(shapes))} tensors; mesh {dict(mesh.shape)}", flush=True)
 
   eval_fn = None
   if config.eval.corpus.get("path") or (data.get("synthetic_dir") and config.eval.get("synthetic", True)):

@@ -267,11 +267,16 @@ def run(config, workdir: str) -> dict:
     _write_synthetic(config)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   parts = step_parts(config, mesh)
-  loaded = []
-  state = loop.materialize(parts, mesh, load=lambda placer: loaded.extend(load_weights(config, placer)))
-  for line in loaded:
-    print(f"initialised the {line}", flush=True)
-  n = lambda prefix: int(sum(x.size for x in jax.tree.leaves(state.params.get(prefix, {}))))  # noqa: E731
+
+  def make_state():
+    loaded = []
+    state = loop.materialize(parts, mesh, load=lambda placer: loaded.extend(load_weights(config, placer)))
+    for line in loaded:
+      print(f"initialised the {line}", flush=True)
+    return state
+
+  state = loop.LazyState(parts.abstract, make_state)
+  n = lambda prefix: int(sum(x.size for x in jax.tree.leaves(state.abstract.params.get(prefix, {}))))  # noqa: E731
   print(f"model: vision {n('vision_encoder'):,} + QFormer {n('qformer'):,} + LLM {n('lm'):,} parameters; "
         f"training {parts.extra['n_trainable']:,} in {len(parts.trainable)} tensors; mesh {dict(mesh.shape)}",
         flush=True)
