@@ -21,7 +21,8 @@ import numpy as np
 
 from configs import stage1 as stage1_config
 from internvideo2_jax.models.teachers import clip_teacher_preset, mae_teacher_preset
-from internvideo2_jax.train import cache_targets, optimizer as O, stage1, state as S
+from internvideo2_jax.data import targets
+from internvideo2_jax.train import optimizer as O, stage1, state as S
 from internvideo2_jax.data.transforms import normalize
 
 
@@ -54,12 +55,12 @@ def main():
   tcfg = ml_collections.ConfigDict(dict(c.train.to_dict(), data_norm="imagenet"))
   step = jax.jit(stage1.make_step(student, clip_t, mae_t, tx, tcfg))
   tg = jax.tree.map(np.asarray, stage1.teacher_targets(teachers, normalize(video), clip_t, mae_t, jnp.bfloat16))
-  raw = [cache_targets.encode_example({"video": np.asarray(video[i]), "label": 0,
+  raw = [targets.encode_example({"video": np.asarray(video[i]), "label": 0,
                                        "clip_tokens": tg["clip_tokens"][:, i], "mae_tokens": tg["mae_tokens"][:, i],
                                        "clip_final": tg["clip_final"][i],
                                        "clip_attn": tg["clip_attn"].reshape(b, 8, -1)[i]}) for i in range(b)]
-  ex = [cache_targets.decode_example(r) for r in raw]
-  cached = {key: jnp.asarray(np.stack([e[key] for e in ex])) for key in ("video",) + cache_targets.TARGET_KEYS}
+  ex = [targets.decode_example(r) for r in raw]
+  cached = {key: jnp.asarray(np.stack([e[key] for e in ex])) for key in ("video",) + targets.TARGET_KEYS}
 
   def timeit(batch, n=20):
     st = S.create(params, tx, trainable)

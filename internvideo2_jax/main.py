@@ -14,6 +14,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+# transformers' "PyTorch was not found" advice reads like an error in every job (we use its
+# tokenizers only); other warnings stay.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_CONFIG = os.path.join(_REPO, "configs", "stage2.py")
 

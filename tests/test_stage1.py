@@ -17,7 +17,8 @@ from internvideo2_jax.convert import teachers as TC
 from internvideo2_jax.models import teachers as T
 from internvideo2_jax.models.stage1 import cosine_distance, stage1_loss
 from internvideo2_jax.ops import masking
-from internvideo2_jax.train import cache_targets, stage1
+from internvideo2_jax.data import targets
+from internvideo2_jax.train import stage1
 
 
 def test_attention_mask_counts_determinism_and_preference():
@@ -126,10 +127,10 @@ def test_cached_targets_give_the_same_loss_as_online_teachers():
   step = jax.jit(stage1.make_step(student, clip_t, mae_t, tx, tcfg))
   _, online = step(state, {"video": jnp.asarray(video)}, jax.random.key(5))
   tg = jax.tree.map(np.asarray, stage1.teacher_targets(teachers, __import__("internvideo2_jax.data.transforms", fromlist=["x"]).normalize(jnp.asarray(video)), clip_t, mae_t))
-  examples = [cache_targets.decode_example(cache_targets.encode_example({
+  examples = [targets.decode_example(targets.encode_example({
       "video": video[i], "label": 0, "clip_tokens": tg["clip_tokens"][:, i], "mae_tokens": tg["mae_tokens"][:, i],
       "clip_final": tg["clip_final"][i], "clip_attn": tg["clip_attn"].reshape(4, 8, -1)[i]})) for i in range(4)]
-  batch = {key: jnp.asarray(np.stack([e[key] for e in examples])) for key in ("video",) + cache_targets.TARGET_KEYS}
+  batch = {key: jnp.asarray(np.stack([e[key] for e in examples])) for key in ("video",) + targets.TARGET_KEYS}
   _, cached = step(state, batch, jax.random.key(5))
   assert float(online.compute()["loss"]) == pytest.approx(float(cached.compute()["loss"]), rel=1e-6)
 

@@ -260,7 +260,7 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
   for i, corpus in enumerate(data_cfg.corpora):
     corpus = corpus.to_dict() if hasattr(corpus, "to_dict") else dict(corpus)
     if corpus.get("format") == "targets":  # cached stage-1 examples: already decoded
-      from internvideo2_jax.train.cache_targets import TargetsCorpus
+      from internvideo2_jax.data.targets import TargetsCorpus
       ds = grain.MapDataset.source(TargetsCorpus(corpus["path"])).shuffle(seed=seed + 1000 * i)
       ds = ds.repeat(epochs)
       if shard_count > 1:
