@@ -3,8 +3,11 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile far more than they run: LLVM's optimisation level 0 compiles about 30% faster
+# on CPU (same numerics: no fast-math either way). Subprocesses inherit it (TEST_XLA_FLAGS).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           f" --xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -19,3 +22,9 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip)
+  # The longest tests first (multi-process runs, whole training jobs), so that with xdist the
+  # other worker fills in with the short ones instead of finishing alone at the end.
+  first = ("test_multihost.py", "test_stage1.py::test_tiny_stage1_run", "test_stage3.py::test_tiny_stage3",
+           "test_stage2_av.py::test_audio_visual_training_job", "test_stage3.py::test_7b_step")
+  rank = lambda item: next((i for i, f in enumerate(first) if f in item.nodeid), len(first))  # noqa: E731
+  items.sort(key=rank)  # stable: the rest keeps the collection order
