@@ -4,7 +4,8 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile far more than they run: LLVM's optimisation level 0 compiles about 30% faster
-# on CPU (same numerics: no fast-math either way). Subprocesses inherit it (TEST_XLA_FLAGS).
+# on CPU (same numerics: no fast-math either way). Subprocesses that keep XLA_FLAGS inherit it;
+# the multi-process runs of test_multihost.py set their own.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            f" --xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}").strip()

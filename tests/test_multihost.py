@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import TEST_XLA_FLAGS
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,7 +31,7 @@ CACHE = {}  # one persistent compilation cache for the module's runs (same progr
 
 def _env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("IV2_")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}", JAX_PLATFORMS="cpu",
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=CACHE["dir"], **extra)
   return env
 
@@ -66,6 +64,25 @@ def finish(procs, timeout=900):
   return outs
 
 
+def run_2x4(args, workdir):
+  """2 processes to the end; returns (process 0's output of every attempt, of the last).
+
+  CPU gloo collectives between two processes on an oversubscribed 2-core machine (the suite's
+  other worker compiling alongside) now and then stall past the collective timeout. Such a run
+  is started once more, as a cluster launcher would restart a job: it resumes from its own
+  checkpoint, and everything the tests compare (exports, evaluation) must still be exact."""
+  procs = start_2x4(args, workdir)
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  if any(p.returncode for p in procs) and "Gloo" in "".join(outs):
+    print(f"2-process run stalled in a CPU collective; restarting it once:\n{outs[0][-1500:]}")
+    first = outs[0]
+    outs = finish(start_2x4(args, workdir))
+    return first + outs[0], outs[0]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}\nthe other:\n{outs[1 - i][-2000:]}"
+  return outs[0], outs[0]
+
+
 def same_export(a, b, name):
   x, y = load_file(str(a / "export" / name)), load_file(str(b / "export" / name))
   assert set(x) == set(y)
@@ -77,13 +94,13 @@ def two_one_two(args, workdir):
   """2 hosts stop at step 2, 1 host continues to step 3 (both planned stops: the SIGTERM path's
   agreement and save), 2 hosts finish the run: both directions of a resume on another process
   count, and the run's evaluation gathered across 2 hosts. Returns the last run's output."""
-  outs = finish(start_2x4(args + ["--config.train.stop_at_step=2"], workdir))
-  assert "saved step 2" in outs[0] and "multi-host: process 0 of 2" in outs[0], outs[0][-3000:]
+  every, _ = run_2x4(args + ["--config.train.stop_at_step=2"], workdir)
+  assert "saved step 2" in every and "multi-host: process 0 of 2" in every, every[-3000:]
   out = run_1x8(args + ["--config.train.stop_at_step=3"], workdir)
   assert "at step 2 on 1 process(es)" in out and "saved step 3" in out
-  outs = finish(start_2x4(args, workdir))
-  assert "at step 3 on 2 process(es)" in outs[0]
-  return outs[0]
+  every, last = run_2x4(args, workdir)
+  assert "at step 3 on 2 process(es)" in every
+  return last
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +147,8 @@ def test_stage2_sigterm_on_two_hosts_then_one_host_then_two(corpus, tmp_path):
   # covers the CPU collectives, barriers precede Orbax's first collective and the job's end.
   out = run_1x8(args + [f"--config.train.stop_at_step={stopped + 1}"], a)
   assert f"at step {stopped} on 1 process(es)" in out
-  outs = finish(start_2x4(args, a))
-  assert f"at step {stopped + 1} on 2 process(es)" in outs[0]
+  every, _ = run_2x4(args, a)
+  assert f"at step {stopped + 1} on 2 process(es)" in every
   same_export(ref, a, "stage2_official_layout.safetensors")
   want = json.loads((ref / "eval_results.json").read_text())
   got = json.loads((a / "eval_results.json").read_text())
