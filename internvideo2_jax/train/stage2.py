@@ -364,7 +364,11 @@ def run(config, workdir: str) -> dict:
     print(f"\nheld-out retrieval after {results['step']} steps ({elapsed / 60:.1f} min):")
     print(retrieval.format_table(results))
     retrieval.save_json(results, os.path.join(workdir, "eval_results.json"))
-  print(f"\nTensorBoard logs: {os.path.join(workdir, 'tensorboard')}  (tensorboard --logdir {workdir})")
+  import importlib.util
+  view = f"tensorboard --logdir {workdir}"
+  if importlib.util.find_spec("tensorboard") is None:  # the event files need no TensorBoard to write
+    view = f"pip install tensorboard && {view}"
+  print(f"\nTensorBoard logs: {os.path.join(workdir, 'tensorboard')}  ({view})")
   print(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}; checkpoints: {os.path.join(workdir, 'checkpoints')}")
   return results
 
