@@ -51,7 +51,7 @@ def get_config(arg=None):
             "caption_field": "captions", "sample": "rand", "crop": "rrc"}
   d.synthetic_dir = ""      # if set: write the synthetic corpus there when it is missing
   d.synthetic_train, d.synthetic_val, d.synthetic_size = 1500, 96, 32
-  d.synthetic_radius = (0.12, 0.2)
+  d.synthetic_radius = (0.22, 0.3)  # shapes of 14-19 px at 32 px (one data/synthetic for stages 2, 3)
   d.synthetic_val_av = 0    # > 0: also val_av.json (visual twins told apart by their sound)
   d.read_threads = 1
 

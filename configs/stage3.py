@@ -35,7 +35,10 @@ def get_config(arg=None):
 
   m = c.model = ml_collections.ConfigDict()
   m.vision_init = ""        # stage-2 export / official checkpoint (vision_encoder.* keys)
-  m.vision_init_partial = False  # True: load the matching part of a different-shaped checkpoint
+  # The encoder is built only to the block whose output the connector reads (x_vis_return_idx=-2,
+  # reference §3): a stage-2 checkpoint's later blocks (and its pooling head) are left out by
+  # design, so stage 3 loads the matching part and lists what it left out.
+  m.vision_init_partial = True
   m.qformer_init = ""       # BLIP-2 / VideoChat2 QFormer weights (Qformer.bert.* / qformer.bert.*)
   m.llm_init = ""           # HF directory of a Mistral / Llama / Qwen2 model
   m.init = ""               # a whole stage-3 model in the official InternVideo2-Chat layout

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 # transformers' "PyTorch was not found" advice reads like an error in every job (we use its
@@ -45,15 +45,28 @@ def main(argv) -> None:
   job = config.get("job")
   if job not in JOBS:
     raise app.UsageError(f"config.job={job!r} is not a known job; known: {sorted(JOBS)}")
-  # Our modules report at INFO; libraries (orbax, jax backend probing) only warnings.
+  # Our modules report at INFO; libraries (orbax, jax backend probing) only warnings, also
+  # those that log through absl (its `I1202 ...` lines).
+  absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger().setLevel(logging.WARNING)
-  logging.getLogger("internvideo2_jax").setLevel(logging.INFO)
+  ours = logging.getLogger("internvideo2_jax")
+  ours.setLevel(logging.INFO)
+  handler = logging.StreamHandler(sys.stderr)  # plain lines, not absl's `I1202 12:00:00 file:line]`
+  handler.setFormatter(_PlainFormatter())
+  ours.addHandler(handler)
+  ours.propagate = False
   start_runtime(config, job)
   importlib.import_module(JOBS[job]).run(config, flags.FLAGS.workdir)
   from internvideo2_jax.parallel import distributed
   # Process 0 may still be writing exports and results long after the others are done; jax's
   # shutdown barrier allows only `distributed.timeout_s`, this one an hour.
   distributed.sync("job finished")
+
+
+class _PlainFormatter(logging.Formatter):
+  def format(self, record: logging.LogRecord) -> str:
+    msg = super().format(record)
+    return msg if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {msg}"
 
 
 def start_runtime(config, job: str) -> None:

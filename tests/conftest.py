@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
   # The longest tests first (multi-process runs, whole training jobs), so that with xdist the
   # other worker fills in with the short ones instead of finishing alone at the end.
-  first = ("test_multihost.py", "test_stage1.py::test_tiny_stage1_run", "test_stage3.py::test_tiny_stage3",
+  first = ("test_multihost.py", "test_readme.py::test_readme_commands", "test_stage1.py::test_tiny_stage1_run", "test_stage3.py::test_tiny_stage3",
            "test_stage2_av.py::test_audio_visual_training_job", "test_stage3.py::test_7b_step")
   rank = lambda item: next((i for i, f in enumerate(first) if f in item.nodeid), len(first))  # noqa: E731
   items.sort(key=rank)  # stable: the rest keeps the collection order

@@ -184,6 +184,8 @@ def test_tiny_stage1_run_learns_resumes_and_hands_over_to_stage2(tmp_path):
   assert losses[-1] < 0.7 * losses[0]
   c.train.total_steps = 20
   assert stage1.run(c, wd)["step"] == 20  # resumed from step 16
+  run = json.load(open(os.path.join(wd, "run.json")))
+  assert run["starts"] == 2 and run["finished"] and run["step"] == 20 and run["train_s"] > 0
   s2 = stage2_config.get_config("size=tiny")
   s2.model.vision_init = os.path.join(wd, "export", "stage1_official_layout.safetensors")
   s2.data.synthetic_dir, s2.data.synthetic_train, s2.data.synthetic_val, s2.data.synthetic_size = syn + "2", 8, 4, 32
@@ -200,5 +202,12 @@ def test_tiny_stage1_run_learns_resumes_and_hands_over_to_stage2(tmp_path):
   record = json.loads(open(tmp_path / "s2" / "metrics.jsonl").readline())
   assert record["train/data_refused_at_parse/bad_caption"] == 1
   assert record["train/mlm_dropped"] >= 0  # the capped MLM (a speed option) counts what it drops
-  saved = json.load(open(tmp_path / "s2" / "eval_results.json"))
+  saved = json.load(open(tmp_path / "s2" / "eval_retrieval.json"))
   assert saved["data"]["refused_at_parse"] == {"bad_caption": 1}
+  assert os.path.getsize(tmp_path / "s2" / "curves.png") > 1000
+  # started again once finished, a run only reports its results: no data pipeline (its
+  # annotation file is gone), no training, evaluation or export
+  os.remove(f"{syn}2/train.json")
+  again = stage2.run(s2, str(tmp_path / "s2"))
+  assert again["step"] == 1 and again["match"] == json.loads(json.dumps(res["match"]))
+  assert again["run"]["starts"] == 1

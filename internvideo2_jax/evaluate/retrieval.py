@@ -308,14 +308,20 @@ def evaluate_audio_retrieval(encoder: AVEncoder, aset: AudioSet, *, tokenizer, m
   return out
 
 
+# one table layout for training and the evaluate job (and the README): contrastive, dual
+# softmax, then the matching-head re-ranking
+TABLE_LABELS = {"itc": "itc (contrastive)", "dsl": "dsl (dual softmax)",
+                "match": "match (ITM re-ranking of the top k_test)"}
+
+
 def format_table(results: dict) -> str:
   rows = ["| scores | t2v R@1 | R@5 | R@10 | v2t R@1 | R@5 | R@10 | mean |", "|---|---|---|---|---|---|---|---|"]
   if "text_to_audio" in results:
     rows[0] = "| text to | R@1 | R@5 | R@10 | reverse R@1 | R@5 | R@10 | mean |"
-  names = ("match", "itc", "dsl") + tuple(f"text_to_{m}{s}" for m in ("video", "audio", "av") for s in ("", "_match"))
+  names = ("itc", "dsl", "match") + tuple(f"text_to_{m}{s}" for m in ("video", "audio", "av") for s in ("", "_match"))
   for name in [k for k in names if k in results]:
     r = results[name]
-    rows.append(f"| {name} | {r['t2v_r1']:.1f} | {r['t2v_r5']:.1f} | {r['t2v_r10']:.1f} | "
+    rows.append(f"| {TABLE_LABELS.get(name, name)} | {r['t2v_r1']:.1f} | {r['t2v_r5']:.1f} | {r['t2v_r10']:.1f} | "
                 f"{r['v2t_r1']:.1f} | {r['v2t_r5']:.1f} | {r['v2t_r10']:.1f} | {r['r_mean']:.1f} |")
   return "\n".join(rows)
 

@@ -19,13 +19,14 @@ rows may be audio-only, `{"audio": "x.wav", "caption": ...}`).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import jax
 import numpy as np
 
 from internvideo2_jax.convert.io import load_state_dict
 from internvideo2_jax.convert.official import stage2_av_from_state_dict, stage2_from_state_dict
-from internvideo2_jax.data import sources, text as text_lib
+from internvideo2_jax.data import text as text_lib
 from internvideo2_jax.data.loader import LoadSpec
 from internvideo2_jax.evaluate import classification, retrieval
 from internvideo2_jax.models.stage2 import Stage2Model
@@ -35,24 +36,53 @@ from internvideo2_jax.parallel import mesh as mesh_lib
 
 def load_params(config, mcfg, workdir: str, mesh):
   """Weights from an official-layout file (host numpy, the same on every process) or from the
-  latest Orbax checkpoint, restored straight into the mesh's shardings (any process count)."""
+  latest Orbax checkpoint, restored straight into the mesh's shardings (any process count).
+  Returns (params, the training run's config as a dict, or None for a weights file)."""
   if config.eval.get("weights"):
     sd = load_state_dict(config.eval.weights)
     convert = stage2_av_from_state_dict if mcfg.get("audio") else stage2_from_state_dict
-    return convert(sd, mcfg, checkpoint_num_frames=config.eval.get("weights_num_frames"))["params"]
+    return convert(sd, mcfg, checkpoint_num_frames=config.eval.get("weights_num_frames"))["params"], None
   from internvideo2_jax.train import stage2
-  from internvideo2_jax.train.checkpoint import Checkpointer, resolve_dir
+  from internvideo2_jax.train.checkpoint import Checkpointer, CheckpointRestoreError, resolve_dir
   ckpt_dir = resolve_dir(config.eval.get("checkpoint_dir") or os.path.join(workdir, "checkpoints"))
   ckpt = Checkpointer(ckpt_dir, async_save=False)
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; set eval.weights or eval.checkpoint_dir")
     abstract = stage2.step_parts(config, mesh, mcfg).abstract
-    state, step = ckpt.restore(abstract)
+    try:
+      state, step = ckpt.restore(abstract)
+    except CheckpointRestoreError as e:  # most often: the run trained another model
+      raise CheckpointRestoreError(f"{e} If the run was trained with another model, pass its --config "
+                                   "(and size) to the evaluate job.") from e
+    run_config = ckpt.restore_config(step)
   finally:
     ckpt.close()
   print(f"restored step {step} from {ckpt_dir}")
-  return state.params
+  return state.params, run_config
+
+
+def eval_set(config, run_config: Optional[dict]) -> dict:
+  """The annotations to evaluate on: `eval.corpus` when it names a file, else the held-out set
+  of the training run whose checkpoint is evaluated (its `eval.corpus`, or the synthetic
+  corpus's `val.json` it trained on), else this config's synthetic corpus."""
+  from internvideo2_jax.train import corpus as corpus_lib
+  if config.eval.corpus.get("path"):
+    return config.eval.corpus.to_dict()
+  if run_config:
+    saved = run_config.get("eval", {}).get("corpus", {})
+    root = run_config.get("data", {}).get("synthetic_dir")
+    if saved.get("path"):
+      print(f"evaluating on the run's held-out set {saved['path']}", flush=True)
+      return saved
+    if root:
+      print(f"evaluating on the run's held-out set {root}/val.json (synthetic)", flush=True)
+      return dict(format="json", path=os.path.join(root, "val.json"), data_root=root)
+  found = corpus_lib.eval_corpus(config)
+  if found is None:
+    raise ValueError("no evaluation set: set config.eval.corpus.path (and data_root) to the evaluation "
+                     "annotations")
+  return found
 
 
 TASKS = ("retrieval", "classification", "audio_retrieval", "audio_classification", "qa")
@@ -80,14 +110,12 @@ def run(config, workdir: str) -> dict:
   if task.startswith("audio") and not av:
     raise ValueError(f"eval.task={task} needs an audio-visual model (configs/stage2.py:<size>,av)")
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  params = load_params(config, mcfg, workdir, mesh)
+  params, run_config = load_params(config, mcfg, workdir, mesh)
   v = mcfg.vision
   seconds = float(config.data.load.get("audio_seconds", 10.0))
   spec = LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size,
                   tubelet_size=v.tubelet_size, audio=av and task == "retrieval", audio_seconds=seconds)
-  corpus = config.eval.corpus.to_dict()
-  if not corpus.get("path"):
-    raise ValueError("set config.eval.corpus.path (and data_root) to the evaluation annotations")
+  corpus = eval_set(config, run_config)
   tok = text_lib.load_tokenizer(config.data.load.get("tokenizer", ""))
   if av:
     from internvideo2_jax.models.stage2_av import Stage2AVModel

@@ -20,7 +20,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from internvideo2_jax.data import pipeline

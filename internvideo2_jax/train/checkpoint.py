@@ -67,7 +67,7 @@ class Checkpointer:
       items["config"] = ocp.args.JsonSave(config.to_dict() if hasattr(config, "to_dict") else dict(config))
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved and jax.process_index() == 0:
-      log.info("checkpoint %d -> %s", step, self.directory)
+      log.debug("checkpoint %d -> %s", step, self.directory)  # the console keeps the progress lines
     return saved
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, int]:

@@ -32,7 +32,7 @@ from internvideo2_jax.parallel import distributed, sharding
 from internvideo2_jax.train import optimizer as opt_lib, state as state_lib
 from internvideo2_jax.train.checkpoint import Checkpointer
 from internvideo2_jax.train.flops import peak_flops
-from internvideo2_jax.train.metrics import MetricWriter
+from internvideo2_jax.train.metrics import MetricWriter, Progress, RunRecord, eval_line, plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def train(cfg, workdir: str, setup: Setup) -> dict:
   """Runs (or resumes) training; returns the last eval results."""
   tc = cfg.train
   writer = MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)),
-                        total_steps=int(tc.total_steps), enabled=jax.process_index() == 0)
+                        enabled=jax.process_index() == 0)
   try:  # the writers' threads are closed on every path, failed starts included
     return _train(cfg, workdir, setup, writer)
   finally:
@@ -136,18 +136,32 @@ def _train(cfg, workdir: str, setup: Setup, writer: MetricWriter) -> dict:
       print(f"resumed from {ckpt.directory} at step {start} on {jax.process_count()} process(es) x "
             f"{jax.local_device_count()} devices" + (" (initialisation and pretrained weights skipped)"
                                                      if lazy else ""), flush=True)
-    else:
+    record = RunRecord(workdir, enabled=jax.process_index() == 0)
+    if start == 0:
+      record.data = {}  # a fresh run (no checkpoint): no totals of an earlier one
+    total = int(tc.total_steps)
+    done = record.finished_at(start) if start >= total else None
+    if done is not None:  # nothing to train, evaluate or export again
+      print(f"this run already finished at step {start} ({_totals(record.data)}); its results from "
+            f"{record.path} follow (evaluate again with --config.job=evaluate)", flush=True)
+      return done
+    if ckpt.latest_step() is None:
       state = setup.state.make() if lazy else setup.state
+    record.update(starts=int(record.data.get("starts", 0)) + 1, total_steps=total, finished=False)
     writer.truncate_after(start)  # records of steps the resumed run will redo are dropped
     report = DataReport()
-    it = iter(setup.data(start, report=report))
+    end = min(total, int(tc.get("stop_at_step", 0)) or total)
+    # the data pipeline (a corpus decode for cached corpora) only when there are steps to run
+    it = iter(setup.data(start, report=report)) if start < end else None
     if report.corpora and jax.process_index() == 0:
       print(report.table(), flush=True)
-    repl = NamedSharding(mesh, P())
-    compiled = {}
-    compile_time = [0.0]  # excluded from the throughput numbers
     rng = jax.random.key(int(cfg.seed))
     peak = peak_flops(tc.get("peak_tflops"))
+    keys = ("loss",) + tuple(k for k, w in tc.get("loss", {}).items() if w)[:5]
+    progress = Progress(total, start, elapsed_before=record.train_s, keys=keys,
+                        enabled=jax.process_index() == 0)
+    compiled = {}
+    compile_time = [0.0]  # excluded from the throughput numbers
 
     def get_step(host):
       batch = device_batch(host, mesh)
@@ -159,13 +173,22 @@ def _train(cfg, workdir: str, setup: Setup, writer: MetricWriter) -> dict:
         exe = compile_step(setup.step_fn, state, batch, rng, mesh, rules, state_sh, batch_sh, nv)
         dt = time.perf_counter() - t0
         compile_time[0] += dt
-        print(f"compiled the step for {dict((k, v.shape) for k, v in batch.items())} in "
-              f"{dt:.1f}s; {memory_report(exe)}", flush=True)
+        progress.exclude(dt)
+        progress.print(f"compiled the step for {dict((k, v.shape) for k, v in batch.items())} in "
+                       f"{dt:.1f}s; {memory_report(exe)}")
         compiled[key] = exe
       return compiled[key], batch
 
-    return _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time,
-                 report)
+    results = _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time,
+                    report, progress, record)
+    if jax.process_index() == 0 and writer.jsonl_path.endswith("metrics.jsonl"):
+      try:
+        png = plot_curves(writer.jsonl_path, os.path.join(workdir, "curves.png"))
+        if png:
+          print(f"curves: {png}", flush=True)
+      except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run
+        print(f"could not plot the curves: {type(e).__name__}: {e}", flush=True)
+    return results
   finally:
     ckpt.close()
 
@@ -183,8 +206,17 @@ def compile_step(step_fn, state, batch, rng, mesh, rules, state_sh, batch_sh, nu
   return exe
 
 
+def run_totals(results: dict) -> str:
+  """'N start(s), M min in all' of a finished run's results."""
+  return _totals(results.get("run", {}))
+
+
+def _totals(data: dict) -> str:
+  return f"{int(data.get('starts', 1))} start(s), {float(data.get('train_s', 0.0)) / 60:.1f} min in all"
+
+
 def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, peak, compile_time,
-          report: DataReport):
+          report: DataReport, progress: Progress, record: RunRecord):
   tc = cfg.train
   total = int(tc.total_steps)
   stop_at = int(tc.get("stop_at_step", 0)) or total
@@ -205,6 +237,7 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
       acc = metrics if acc is None else acc.merge(metrics)
       report.add_batch(host)
       step += 1
+      progress.tick(step)
       n_log += len(host["video"]) * procs            # every process loads an equal slice
       flops_log += setup.flops_per_step(host) * procs
       if step % log_every == 0 or step == total:
@@ -220,9 +253,11 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
           writer_started = True
           values.update({f"data_refused_at_parse/{k}": float(v) for k, v in report.parse_dropped().items()})
         writer.write(step, values, prefix="train/")
+        progress.log(step, values)
+        record.update(step=step, train_s=progress.elapsed())
         acc, t_log, n_log, flops_log, log_start = None, time.perf_counter(), 0, 0.0, step
       if setup.evaluate and eval_every and step % eval_every == 0 and step < total:
-        results = _evaluate(setup, state, writer, step)
+        results = _evaluate(setup, state, writer, step, progress)
         t_log, n_log, flops_log, log_start = time.perf_counter(), 0, 0.0, step
         acc = None
       if ckpt_every and step % ckpt_every == 0 and ckpt.save(step, state, cfg):
@@ -235,26 +270,31 @@ def _loop(cfg, workdir, setup, state, it, ckpt, writer, get_step, start, rng, pe
       ckpt.save(step, state, cfg, force=True)
       ckpt.wait()
     report.flush(distributed.sum_processes)  # steps after the last log line
-    print(report.summary_line(), flush=True)
+    progress.print(report.summary_line())
+    record.update(step=step, train_s=progress.elapsed())
     if stop or step < total:
       why = "after SIGTERM" if stop else f"at train.stop_at_step={stop_at}"
-      print(f"saved step {step} to {ckpt.directory}; exiting {why}", flush=True)
+      progress.print(f"saved step {step} to {ckpt.directory}; exiting {why} ({_totals(record.data)})")
       return {"preempted_at": step, "data": report.summary()}
   if setup.evaluate:
-    results = _evaluate(setup, state, writer, step)
+    results = _evaluate(setup, state, writer, step, progress)
   if setup.finish:
     setup.finish(state.params, workdir)
   results["step"] = step
   results["data"] = report.summary()
+  results["run"] = {"starts": int(record.data.get("starts", 1)), "train_s": round(progress.elapsed(), 1)}
+  record.update(step=step, finished=True, results=results, train_s=results["run"]["train_s"])
   return results
 
 
-def _evaluate(setup: Setup, state, writer: MetricWriter, step: int) -> dict:
+def _evaluate(setup: Setup, state, writer: MetricWriter, step: int, progress: Progress) -> dict:
   t0 = time.perf_counter()
   res = setup.evaluate(state.params)
   flat = {k: v for k, v in _flatten(res).items() if isinstance(v, (int, float))}
   flat["eval_time_s"] = time.perf_counter() - t0
+  progress.exclude(flat["eval_time_s"])
   writer.write(step, flat, prefix="eval/")
+  progress.print(eval_line(step, flat))
   return res
 
 
@@ -328,5 +368,5 @@ def materialize(parts: StepParts, mesh, load: Optional[Callable[[sharding.Placer
     return jax.jit(lambda p: state_lib.create(p, tx, trainable), out_shardings=out_sh)(params)
 
 
-__all__ = ["Setup", "LazyState", "StepParts", "train", "materialize", "abstract_state", "compile_step", "device_batch",
+__all__ = ["Setup", "LazyState", "run_totals", "StepParts", "train", "materialize", "abstract_state", "compile_step", "device_batch",
            "memory_report"]

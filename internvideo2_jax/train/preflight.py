@@ -10,11 +10,12 @@ the synthetic-data option writes at start (`data.synthetic_dir`) are allowed to 
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 
 import jax
+
+from internvideo2_jax.data.sources import shard_paths
 
 
 def check(config) -> None:
@@ -52,10 +53,14 @@ def _check_corpus(c: dict, where: str, synthetic: str) -> None:
   if fmt in ("tfds",) or "://" in path:
     return  # a dataset name, or an object store: the reader reports it
   pending = bool(synthetic) and os.path.abspath(path).startswith(os.path.abspath(synthetic))
-  if fmt in ("json", "csv", "targets") and not os.path.exists(path) and not pending:
+  if fmt in ("json", "csv") and not os.path.exists(path) and not pending:
     raise FileNotFoundError(f"{where}.path={path}: no such file")
-  if fmt == "array_record" and not (glob.glob(path) or glob.glob(os.path.join(path, "*")) or pending):
-    raise FileNotFoundError(f"{where}.path={path}: no shards match")
+  if fmt in ("array_record", "targets") and not pending:
+    try:  # a glob, a directory or a `name-*-of-*` prefix, as the reader takes it
+      shard_paths(path)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"{where}.path={path}: no shards match (a glob, a directory of "
+                              "*.array_record files or a name-*-of-* prefix)") from None
   if fmt not in ("json", "csv", "array_record", "tfds", "targets"):
     raise ValueError(f"{where}.format={fmt!r}: use json, csv, array_record, tfds or targets")
   if root and "://" not in root and not os.path.isdir(root) and not pending and not (

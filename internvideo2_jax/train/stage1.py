@@ -8,7 +8,6 @@ features at the visible positions with 2 - 2 cos. Teachers are frozen parameters
 """
 
 import os
-import time
 
 import flax.struct
 import jax
@@ -161,20 +160,16 @@ def run(config, workdir: str) -> dict:
   from internvideo2_jax.convert.io import load_state_dict, save_state_dict
   from internvideo2_jax.convert.official import stage1_to_state_dict
   from internvideo2_jax.convert import teachers as teacher_conv
-  from internvideo2_jax.data import pipeline, synthetic
+  from internvideo2_jax.data import pipeline
   from internvideo2_jax.parallel import distributed, mesh as mesh_lib, sharding
   from internvideo2_jax.train import loop
 
-  from internvideo2_jax.train import preflight
+  from internvideo2_jax.train import corpus, preflight
+  corpus.default_to_synthetic(config, "stage1")
   preflight.check(config)  # bad settings named before any model work
   distributed.make_dirs(workdir)
   data = config.data
-  if data.get("synthetic_dir") and not os.path.exists(os.path.join(data.synthetic_dir, "train_stage1.csv")):
-    if jax.process_index() == 0:
-      print(f"writing the synthetic corpus to {data.synthetic_dir} ...", flush=True)
-      synthetic.write_corpus(data.synthetic_dir, train=int(data.synthetic_train), val=0,
-                             seed=int(config.seed), num_frames=32, size=int(data.synthetic_size))
-    distributed.sync("synthetic corpus written")
+  corpus.write_synthetic(config, "stage1")
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   parts = step_parts(config, mesh)
   student, n_vis = parts.extra["student"], parts.extra["n_vis"]
@@ -206,7 +201,7 @@ def run(config, workdir: str) -> dict:
         flush=True)
   setup = loop.Setup(mesh=mesh, rules=parts.rules, state=state, tx=parts.tx, step_fn=parts.step_fn, data=ds,
                      flops_per_step=parts.flops_per_step, finish=finish)
-  t0 = time.perf_counter()
   res = loop.train(config, workdir, setup)
-  print(f"stage 1 done in {(time.perf_counter() - t0) / 60:.1f} min")
+  if "step" in res:
+    print(f"stage 1 done: {res['step']} steps ({loop.run_totals(res)})")
   return res

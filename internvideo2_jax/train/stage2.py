@@ -7,7 +7,6 @@ shardings and donation. Batches are global arrays (see data/pipeline.BATCH_SPEC)
 
 
 import os
-import time
 from typing import Optional
 
 import flax.struct
@@ -172,24 +171,6 @@ def build_model_config(mc):
   return stage2_config(vision, text, embed_dim=mc.embed_dim, temp=mc.temp)
 
 
-def _write_synthetic(config) -> None:
-  data = config.data
-  root = data.synthetic_dir
-  val_av = int(data.get("synthetic_val_av", 0))
-  if os.path.exists(os.path.join(root, "val.json")) and not (
-      val_av and not os.path.exists(os.path.join(root, "val_av.json"))):
-    return
-  if jax.process_index() == 0:
-    from internvideo2_jax.data import synthetic
-    print(f"writing the synthetic corpus to {root} ...", flush=True)
-    t0 = time.perf_counter()
-    synthetic.write_corpus(root, train=int(data.synthetic_train), val=int(data.synthetic_val),
-                           seed=int(config.seed), num_frames=16, size=int(data.synthetic_size),
-                           radius=tuple(data.get("synthetic_radius", (0.12, 0.2))), val_av=val_av)
-    print(f"  {data.synthetic_train} + {data.synthetic_val} clips in {time.perf_counter() - t0:.0f}s", flush=True)
-  distributed.sync("synthetic corpus written")
-
-
 def is_audio(config) -> bool:
   return bool(config.model.get("audio"))
 
@@ -291,12 +272,12 @@ def run(config, workdir: str) -> dict:
   from internvideo2_jax.parallel import mesh as mesh_lib, sharding
   from internvideo2_jax.train import loop, optimizer as opt_lib
 
-  from internvideo2_jax.train import preflight
+  from internvideo2_jax.train import corpus, preflight
+  corpus.default_to_synthetic(config, "stage2")
   preflight.check(config)  # bad settings named before any model work
   distributed.make_dirs(workdir)
   data = config.data
-  if data.get("synthetic_dir"):
-    _write_synthetic(config)
+  corpus.write_synthetic(config, "stage2")
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   parts = step_parts(config, mesh)
   mcfg, tok, model_cls = parts.extra["mcfg"], parts.extra["tokenizer"], parts.extra["model_cls"]
@@ -323,14 +304,12 @@ def run(config, workdir: str) -> dict:
         f"{len(opt_lib.flatten(shapes))} tensors; mesh {dict(mesh.shape)}", flush=True)
 
   eval_fn = None
-  if config.eval.corpus.get("path") or (data.get("synthetic_dir") and config.eval.get("synthetic", True)):
+  eval_set = corpus.eval_corpus(config)
+  if eval_set:
     spec = LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size,
                     tubelet_size=v.tubelet_size, max_txt_l=int(config.eval.max_txt_l), audio=audio,
                     audio_seconds=float(data.load.get("audio_seconds", 10.0)))
-    corpus = config.eval.corpus.to_dict()
-    if not corpus.get("path"):
-      corpus.update(path=os.path.join(data.synthetic_dir, "val.json"), data_root=data.synthetic_dir)
-    rset = retrieval.load_retrieval_set(corpus, spec, caption_field=config.eval.get("caption_field", "captions"))
+    rset = retrieval.load_retrieval_set(eval_set, spec, caption_field=config.eval.get("caption_field", "captions"))
     dropped = {**rset.data["refused_at_parse"], **rset.data["skipped"]}
     print(f"eval: {len(rset.videos)} held-out videos, {len(rset.texts)} captions"
           + (f"; left out: {dropped}" if dropped else ""), flush=True)
@@ -357,13 +336,11 @@ def run(config, workdir: str) -> dict:
 
   setup = loop.Setup(mesh=mesh, rules=parts.rules, state=state, tx=parts.tx, step_fn=parts.step_fn, data=ds,
                      flops_per_step=parts.flops_per_step, evaluate=eval_fn, finish=finish)
-  t0 = time.perf_counter()
   results = loop.train(config, workdir, setup)
-  elapsed = time.perf_counter() - t0
   if jax.process_index() == 0 and ("match" in results or "text_to_audio" in results):
-    print(f"\nheld-out retrieval after {results['step']} steps ({elapsed / 60:.1f} min):")
+    print(f"\nheld-out retrieval after {results['step']} steps ({loop.run_totals(results)}):")
     print(retrieval.format_table(results))
-    retrieval.save_json(results, os.path.join(workdir, "eval_results.json"))
+    retrieval.save_json(results, os.path.join(workdir, "eval_retrieval.json"))
   import importlib.util
   view = f"tensorboard --logdir {workdir}"
   if importlib.util.find_spec("tensorboard") is None:  # the event files need no TensorBoard to write

@@ -13,8 +13,6 @@ streaming, process-0 logs, gathered evaluation and export.
 """
 
 import os
-import time
-from typing import Optional
 
 import flax.struct
 import jax
@@ -197,23 +195,6 @@ def step_parts(config, mesh):
                         batch_flops=batch_flops, extra={"n_trainable": n_trainable})
 
 
-def _write_synthetic(config) -> None:
-  """The synthetic corpus (the stage-2 demo's, if it ran), its QA files always rewritten from
-  the clip rows: a corpus from an older version gets the current questions."""
-  data = config.data
-  root = data.synthetic_dir
-  if jax.process_index() == 0:
-    from internvideo2_jax.data import synthetic
-    if not os.path.exists(os.path.join(root, "val.json")):
-      print(f"writing the synthetic corpus to {root} ...", flush=True)
-      synthetic.write_corpus(root, train=int(data.synthetic_train), val=int(data.synthetic_val),
-                             seed=int(config.seed), num_frames=16, size=int(data.synthetic_size),
-                             radius=tuple(data.get("synthetic_radius", (0.22, 0.3))))
-    else:
-      synthetic.write_qa(root)
-  distributed.sync("synthetic corpus written")
-
-
 def load_weights(config, placer) -> list[str]:
   """Streams the configured pretrained parts into the sharded params; returns what was loaded."""
   from internvideo2_jax.convert.io import load_state_dict
@@ -258,13 +239,13 @@ def run(config, workdir: str) -> dict:
   from internvideo2_jax.parallel import mesh as mesh_lib, sharding
   from internvideo2_jax.train import loop
 
-  from internvideo2_jax.train import preflight
+  from internvideo2_jax.train import corpus, preflight
+  corpus.default_to_synthetic(config, "stage3")
   preflight.check(config)  # bad settings named before any model work
   distributed.make_dirs(workdir)
   check_config(config)
   resolve_inits(config)
-  if config.data.get("synthetic_dir"):
-    _write_synthetic(config)
+  corpus.write_synthetic(config, "stage3")
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   parts = step_parts(config, mesh)
 
@@ -298,9 +279,10 @@ def run(config, workdir: str) -> dict:
 
   setup = loop.Setup(mesh=mesh, rules=parts.rules, state=state, tx=parts.tx, step_fn=parts.step_fn, data=ds,
                      flops_per_step=parts.flops_per_step, evaluate=eval_fn, finish=finish)
-  t0 = time.perf_counter()
   results = loop.train(config, workdir, setup)
   if jax.process_index() == 0 and "step" in results:
-    print(f"\nafter {results.get('step')} steps ({(time.perf_counter() - t0) / 60:.1f} min):")
+    print(f"\nafter {results.get('step')} steps ({loop.run_totals(results)}):")
     print(qa_eval.format_results(results))
+    if eval_fn is not None:
+      qa_eval.save_json(results, os.path.join(workdir, "eval_qa.json"))
   return results
