@@ -36,6 +36,7 @@ JOBS = {
     "chat": "internvideo2_jax.evaluate.chat",
     "cache_targets": "internvideo2_jax.train.cache_targets",
     "compile": "internvideo2_jax.train.compile",
+    "finetune": "internvideo2_jax.train.finetune",
 }
 
 

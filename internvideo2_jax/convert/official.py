@@ -421,3 +421,36 @@ def stage2_av_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarra
   for key, path, _, _, to_official in _av_head_rules(config):
     out[key] = np.asarray(to_official(np.asarray(_get(tree, path), np.float32)))
   return out
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def _classifier_head_rules(cfg):
+  d = int(cfg.vision.clip_embed_dim)
+  return ([("fc_norm.weight", ("fc_norm", "weight"), (d,), lambda x: x, lambda x: x),
+           ("fc_norm.bias", ("fc_norm", "bias"), (d,), lambda x: x, lambda x: x)]
+          + _linear_pair("head", ("head",), int(cfg.num_classes), d))
+
+
+def classifier_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarray]:
+  """VideoClassifier params -> the official single-modality fine-tuning layout: the encoder's
+  keys at the top level (`patch_embed.*`, `blocks.*`, `clip_projector.*`, ...) plus `fc_norm.*`
+  and `head.*` (what `SM/run_finetuning.py` loads and saves)."""
+  tree = params.get("params", params)
+  out = vision_to_state_dict(tree["vision_encoder"], config.vision)
+  for key, path, _, _, to_official in _classifier_head_rules(config):
+    out[key] = np.asarray(to_official(np.asarray(_get(tree, path), np.float32)))
+  return out
+
+
+def classifier_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
+                               checkpoint_num_frames: Optional[int] = None) -> dict:
+  """An official fine-tuned classifier (or our export) -> `{'params': ...}` of VideoClassifier."""
+  sd = strip_prefix(strip_prefix(state_dict, "module."), "model.")
+  heads = {k for k, *_ in _classifier_head_rules(config)}
+  vision = vision_from_state_dict({k: v for k, v in sd.items() if k not in heads}, config.vision,
+                                  checkpoint_num_frames=checkpoint_num_frames)
+  params = {"vision_encoder": vision["params"]}
+  _take_heads(sd, _classifier_head_rules(config), params, "classifier checkpoint")
+  return {"params": params}

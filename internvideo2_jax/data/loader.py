@@ -8,7 +8,9 @@ zeros and `has_audio` is False, so the audio losses can leave it out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import Optional
 
 import numpy as np
@@ -36,6 +38,7 @@ class LoadSpec:
   size: int = 224
   crop: str = "rrc"               # rrc | multiscale | squash
   rrc_scale: tuple[float, float] = (0.5, 1.0)
+  rand_augment: str = ""          # fine-tuning: timm config, e.g. rand-m7-n4-mstd0.5-inc1 (same ops per clip)
   flip: bool = True
   no_flip_sources: tuple[str, ...] = ("ssv2", "sthv2", "something-something")
   image_frames: int = 1           # frames of an image example (T = 1 as official)
@@ -109,8 +112,41 @@ def _frames(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> tuple[np.nda
   if squash:
     return clip, times
   flip = spec.flip and rec["source"] not in spec.no_flip_sources
+  if spec.rand_augment:  # before the crop, on whole frames, as the official fine-tuning
+    clip = _rand_augment(spec.rand_augment)(clip, rng)
   kind = "multiscale" if spec.crop == "multiscale" else "rrc"
   return transforms.train_transform(clip, spec.size, rng, kind=kind, flip=flip, scale=spec.rrc_scale), times
+
+
+@functools.lru_cache(maxsize=4)
+def _rand_augment(config: str):
+  from internvideo2_jax.data.randaugment import ClipRandAugment
+  return ClipRandAugment(config)
+
+
+def load_views(rec: dict, spec: LoadSpec, num_segments: int, num_crops: int) -> np.ndarray:
+  """The official multi-view test input of one video: `num_segments` temporal views (sparse
+  sampling at evenly spread offsets within each segment) x `num_crops` spatial crops (shorter
+  side to `spec.size`, crops along the longer side) -> uint8 (views, T, S, S, 3), temporal major.
+  Raises SkipExample like load_example."""
+  try:
+    with contextlib.ExitStack() as stack:
+      if rec.get("frames") is not None:  # decoded once (sources.cache_frames)
+        frames = rec["frames"]
+        vlen, read = len(frames), (lambda idx: frames[idx])
+      else:
+        v = stack.enter_context(_open(rec))
+        start, end = sources.clip_window(rec, v.num_frames(), v.fps)
+        vlen = end - start
+        if vlen < spec.min_frames:
+          raise SkipExample("short_clip", f"{v.name}: clip has {vlen} frames, need {spec.min_frames}")
+        read = lambda idx: v.read([start + i for i in idx])  # noqa: E731
+      views = [transforms.spatial_views(np.asarray(read(segment_indices(
+          spec.num_frames, vlen, test=True, view=k, num_views=num_segments))), spec.size, num_crops)
+               for k in range(num_segments)]
+  except VideoReadError as e:
+    raise SkipExample(e.reason, str(e)) from e
+  return np.concatenate(views)
 
 
 def _caption(rec: dict, spec: LoadSpec, rng: np.random.Generator) -> str:

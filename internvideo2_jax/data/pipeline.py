@@ -148,13 +148,18 @@ def _spec_from_config(data_cfg, model_cfg, stage: str, train: bool) -> LoadSpec:
     d.setdefault("sample", "segments")
     d.setdefault("crop", "multiscale")
     d.setdefault("text", False)
+  if stage == "finetune":  # the official single-modality fine-tuning (Kinetics_sparse)
+    d.setdefault("sample", "segments")
+    d.setdefault("crop", "rrc")
+    d.setdefault("rrc_scale", (0.08, 1.0))
+    d.setdefault("text", False)
   if stage == "stage3":
     d.setdefault("text", False)  # the conversation replaces the caption
     inst = dict(data_cfg.get("instruct", {}))
     d["instruct"] = InstructSpec(**_fields(InstructSpec, inst, "data.instruct")).validate()
   if not train:
     d.update(sample="middle" if d.get("sample", "rand") != "segments" else "segments",
-             crop="squash", flip=False, mask="none", train=False)
+             crop="squash", flip=False, mask="none", train=False, rand_augment="")
   for k in ("rrc_scale", "no_flip_sources", "hd_grid"):
     if k in d:
       d[k] = tuple(d[k])
@@ -243,9 +248,10 @@ def make_pipeline(data_cfg, model_cfg, *, stage: str = "stage2", train: bool = T
   training steps, on any process count). `report` receives each corpus's usable and refused
   annotation rows.
   """
-  if stage not in ("stage1", "stage2", "stage3"):
+  if stage not in ("stage1", "stage2", "stage3", "finetune"):
     raise ValueError(f"unknown data stage {stage!r}: stage1 (distillation clips), stage2 "
-                     "(video/image-text-audio) or stage3 (instruction conversations)")
+                     "(video/image-text-audio), stage3 (instruction conversations) or finetune "
+                     "(labelled clips)")
   seed = int(data_cfg.get("seed", 0) if seed is None else seed)
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count

@@ -306,6 +306,79 @@ def load_csv(path: str, *, data_root: str = "", skipped: Optional[collections.Co
 # ----------------------------------------------------------------------------- packed records
 
 
+def load_classes(path: str) -> list[str]:
+  """Class names in label order from a class-index file: one name per line (line i = class i),
+  `index name` / `name index` / `name,index` lines (Kinetics-style), or a JSON list / {name: index}."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except OSError as e:
+    raise AnnotationError(f"{path}: cannot read the class index: {e}") from e
+  if text.lstrip().startswith(("[", "{")):
+    obj = json.loads(text)
+    pairs = [(int(i), str(n)) for n, i in obj.items()] if isinstance(obj, dict) else list(enumerate(map(str, obj)))
+  else:
+    pairs = []
+    for n, line in enumerate(x.strip() for x in text.splitlines() if x.strip()):
+      cols = [c.strip().strip('"') for c in (line.rsplit(",", 1) if "," in line else line.split(None, 1))]
+      if len(cols) == 2 and cols[0].isdigit():
+        pairs.append((int(cols[0]), cols[1]))
+      elif len(cols) == 2 and cols[1].isdigit():
+        pairs.append((int(cols[1]), cols[0]))
+      else:
+        pairs.append((n, line))
+  pairs.sort()
+  if [i for i, _ in pairs] != list(range(len(pairs))):
+    raise AnnotationError(f"{path}: class indices must be 0..{len(pairs) - 1} without gaps or repeats")
+  return [name for _, name in pairs]
+
+
+def load_labels(path: str, *, data_root: str = "", classes: Sequence[str] = (),
+                skipped: Optional[collections.Counter] = None, allow_outside_root: bool = False) -> list[dict]:
+  """Classification lists as the official fine-tuning reads them: `path label` lines (space,
+  tab or comma separated; a path may contain spaces when the label is last), the label a class
+  index or, with `classes`, a class name."""
+  into, skipped = skipped, collections.Counter()
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      lines = f.read().splitlines()
+  except OSError as e:
+    raise AnnotationError(f"{path}: cannot read annotations: {e}") from e
+  index = {name: i for i, name in enumerate(classes)}
+  records = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    cols = next(csv.reader([line])) if "," in line and "\t" not in line else line.rsplit(None, 1)
+    try:
+      if len(cols) != 2:
+        raise ValueError(f"{len(cols)} columns, expected 2 (path label)")
+      rel, label = cols[0].strip(), cols[1].strip()
+      if label.lstrip("-").isdigit():
+        cid = int(label)
+      elif label in index:
+        cid = index[label]
+      else:
+        raise ValueError(f"label {label!r} is not a class index" + (" or a class name of the class index"
+                                                                     if classes else " (set the corpus's 'classes' file for names)"))
+      if cid < 0 or (classes and cid >= len(classes)):
+        raise ValueError(f"class {cid} outside 0..{len(classes) - 1 if classes else 'N'}")
+      full = _join(data_root, rel, allow_outside_root)
+      records.append(make_record(key=f"{full}#{n}", path=full, label=cid))
+    except RowSkip as e:
+      skipped[e.reason] += 1
+      log.warning("%s: line %d skipped (%s): %s", path, n, e.reason, e)
+    except ValueError as e:
+      skipped["bad_annotation"] += 1
+      log.warning("%s: line %d skipped: %s", path, n, e)
+  if into is not None:
+    into.update(skipped)
+  if not records:
+    why = ", ".join(f"{k} x{v}" for k, v in skipped.most_common())
+    raise AnnotationError(f"{path}: no usable rows ({why or 'empty'})")
+  return records
+
+
 def encode_record(rec: dict) -> bytes:
   return msgpack.packb(rec, use_bin_type=True)
 
@@ -365,7 +438,8 @@ def open_corpus(cfg, skipped: Optional[collections.Counter] = None, uses: Option
   """A corpus config -> random-access source of records (`skipped` counts the rows dropped at
   parse time per reason; `uses` names the text fields the consumer reads, see record_from_row).
 
-  cfg.format: "json" (also .jsonl) | "csv" | "array_record" | "tfds"; cfg.path (annotation file,
+  cfg.format: "json" (also .jsonl) | "csv" | "labels" (`path label` lines; cfg.classes: a class
+  index) | "array_record" | "tfds"; cfg.path (annotation file,
   shard glob, or TFDS name), cfg.data_root, cfg.audio_root, cfg.source, cfg.split, cfg.data_dir,
   cfg.allow_outside_root (read annotation paths that resolve outside data_root; default refused).
   """
@@ -386,13 +460,17 @@ def open_corpus(cfg, skipped: Optional[collections.Counter] = None, uses: Option
   if fmt == "csv":
     return RecordList(load_csv(cfg.path, data_root=cfg.get("data_root", ""), skipped=skipped,
                                allow_outside_root=bool(cfg.get("allow_outside_root", False))), cfg.path)
+  if fmt == "labels":
+    classes = load_classes(cfg["classes"]) if cfg.get("classes") else ()
+    return RecordList(load_labels(cfg.path, data_root=cfg.get("data_root", ""), classes=classes, skipped=skipped,
+                                  allow_outside_root=bool(cfg.get("allow_outside_root", False))), cfg.path)
   if fmt == "array_record":
     return ArrayRecordCorpus(cfg.path)
   if fmt == "tfds":
     from internvideo2_jax.data import tfds_corpus
     return tfds_corpus.TfdsCorpus(cfg.path, split=cfg.get("split", "train"),
                                   data_dir=cfg.get("data_dir", None))
-  raise ValueError(f"unknown corpus format {fmt!r}; use json, csv, array_record or tfds")
+  raise ValueError(f"unknown corpus format {fmt!r}; use json, csv, labels, array_record or tfds")
 
 
 class _Attr(dict):

@@ -197,6 +197,31 @@ def write_qa(out: str) -> dict:
   return paths
 
 
+LABEL_TASKS = {"direction": tuple(DIRECTIONS), "shape": SHAPES, "colour": tuple(COLOURS)}
+
+
+def write_label_lists(out: str) -> dict:
+  """(Re)writes classification lists in the official fine-tuning format from the clips'
+  {split}.json rows: classes_{task}.txt (one class name per line, line i = class i) and
+  {split}_{task}.txt (`videos/x.mp4 <class index>` lines) for the tasks direction (4 classes),
+  shape (4) and colour."""
+  paths = {}
+  for task, classes in LABEL_TASKS.items():
+    paths[f"classes_{task}"] = os.path.join(out, f"classes_{task}.txt")
+    with open(paths[f"classes_{task}"], "w") as f:
+      f.write("\n".join(classes) + "\n")
+    for split in ("train", "val"):
+      src = os.path.join(out, f"{split}.json")
+      if not os.path.exists(src):
+        continue
+      with open(src) as f:
+        rows = json.load(f)
+      paths[f"{split}_{task}"] = os.path.join(out, f"{split}_{task}.txt")
+      with open(paths[f"{split}_{task}"], "w") as f:
+        f.write("".join(f"{r['video']} {classes.index(r[task])}\n" for r in rows))
+  return paths
+
+
 def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0, seed: int = 0,
                  num_frames: int = 16, size: int = 64, fps: int = 8, no_audio_every: int = 10,
                  radius=(0.12, 0.2), val_av: int = 0) -> dict:
@@ -239,6 +264,7 @@ def write_corpus(out: str, *, train: int = 400, val: int = 100, images: int = 0,
     with open(paths[split], "w") as f:
       json.dump(rows, f, indent=0)
   paths.update(write_qa(out))
+  paths.update(write_label_lists(out))
   if val_av:
     rows = []
     audible = [k for k in SOUNDS if k != "silent"]

@@ -104,6 +104,21 @@ def train_transform(clip: np.ndarray, size: int, rng: np.random.Generator, *, ki
   return np.ascontiguousarray(out)
 
 
+def spatial_views(clip: np.ndarray, size: int, num_crops: int) -> np.ndarray:
+  """The official multi-crop test views (VideoMAE / InternVideo2 fine-tuning): the shorter side
+  resized to `size`, then `num_crops` size x size crops evenly spaced along the longer side
+  (first, centre, last for 3; the centre for 1). (num_crops, T, size, size, 3)."""
+  h, w = clip.shape[1:3]
+  scale = size / min(h, w)
+  nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+  clip = resize(clip, nh, nw)
+  long = max(nh, nw) - size
+  starts = [long // 2] if num_crops == 1 else [int(i * long / (num_crops - 1)) for i in range(num_crops)]
+  if nh >= nw:
+    return np.stack([clip[:, s:s + size, :size] for s in starts])
+  return np.stack([clip[:, :size, s:s + size] for s in starts])
+
+
 def test_transform(clip: np.ndarray, size: int) -> np.ndarray:
   """Official test transform: squash resize to size x size, no crop."""
   return resize(clip, size, size)

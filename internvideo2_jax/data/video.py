@@ -68,13 +68,16 @@ def frame_indices(num_frames: int, vlen: int, sample: str = "middle", *,
 
 
 def segment_indices(num_segments: int, vlen: int, *, rng: Optional[np.random.Generator] = None,
-                    test: bool = False) -> list[int]:
-  """TSN sparse sampling: one random frame per equal segment (segment centre when `test`)."""
+                    test: bool = False, view: int = 0, num_views: int = 1) -> list[int]:
+  """TSN sparse sampling: one random frame per equal segment; when `test`, the frame at
+  (view + 0.5) / num_views of each segment (the centre for one view), so the temporal test
+  views of multi-view evaluation cover each segment evenly."""
   if vlen <= 0:
     raise ValueError(f"video has no frames (vlen={vlen})")
   seg = vlen / num_segments
   if test:
-    return [min(int(seg * i + seg / 2), vlen - 1) for i in range(num_segments)]
+    at = (view + 0.5) / num_views
+    return [min(int(seg * i + seg * at), vlen - 1) for i in range(num_segments)]
   rng = rng if rng is not None else np.random.default_rng()
   return [min(int(seg * i + rng.uniform(0, seg)), vlen - 1) for i in range(num_segments)]
 

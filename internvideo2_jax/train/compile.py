@@ -30,7 +30,7 @@ from internvideo2_jax.parallel.mesh import batch_sharding
 from internvideo2_jax.train import flops, loop
 
 STEP_MODULES = {"train_stage1": "internvideo2_jax.train.stage1", "train_stage2": "internvideo2_jax.train.stage2",
-                "train_stage3": "internvideo2_jax.train.stage3"}
+                "train_stage3": "internvideo2_jax.train.stage3", "finetune": "internvideo2_jax.train.finetune"}
 GIB = 2 ** 30
 
 

@@ -21,6 +21,7 @@ SYNTHETIC = {
     "stage1": ("data/synthetic_stage1", "train_stage1.csv", "csv"),
     "stage2": ("data/synthetic", "train.json", "json"),
     "stage3": ("data/synthetic", "train_qa.json", "json"),
+    "finetune": ("data/synthetic", "train_{task}.txt", "labels"),
 }
 
 
@@ -32,7 +33,13 @@ def default_to_synthetic(config, stage: str) -> bool:
   directory, name, fmt = SYNTHETIC[stage]
   root = data.get("synthetic_dir") or directory
   data.synthetic_dir = root
-  data.corpora = ({"format": fmt, "path": os.path.join(root, name), "data_root": root},)
+  corpus = {"format": fmt, "path": os.path.join(root, name), "data_root": root}
+  if stage == "finetune":  # a classification task of the clips: direction, shape or colour
+    task = data.get("synthetic_task", "direction")
+    corpus.update(path=os.path.join(root, name.format(task=task)), classes=os.path.join(root, f"classes_{task}.txt"))
+    if not config.eval.corpus.get("path"):
+      config.eval.corpus.update(dict(corpus, path=os.path.join(root, f"val_{task}.txt")))
+  data.corpora = (corpus,)
   if jax.process_index() == 0:
     print(f"data.corpora names no corpus: training on the synthetic corpus in {root} (generated if "
           f"missing); set --config.data.corpora to train on your own data", flush=True)
@@ -64,6 +71,8 @@ def write_synthetic(config, stage: str) -> None:
       print(f"  {data.synthetic_train} + {val} clips in {time.perf_counter() - t0:.0f}s", flush=True)
     elif stage == "stage3":
       synthetic.write_qa(root)
+    elif stage == "finetune" and not os.path.exists(os.path.join(root, "classes_direction.txt")):
+      synthetic.write_label_lists(root)  # a corpus written before the lists existed
   distributed.sync("synthetic corpus written")
 
 

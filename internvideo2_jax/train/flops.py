@@ -57,6 +57,16 @@ def vit_forward(tokens: int, dim: int, depth: int, mlp: int, patch_in: int, pool
   return depth * per_layer + embed + pool
 
 
+def classifier_train_flops(v, *, full: bool) -> float:
+  """Per clip of a fine-tuning step: the encoder forward (all tokens) + the backward (2x) when
+  the encoder trains; a probe's frozen encoder runs forward only."""
+  d = v.embed_dim
+  tokens = 1 + v.num_frames // v.tubelet_size * (v.img_size // v.patch_size) ** 2
+  f = vit_forward(tokens, d, v.depth, int(d * v.mlp_ratio), v.in_chans * v.tubelet_size * v.patch_size ** 2,
+                  v.clip_embed_dim)
+  return 3.0 * f if full else f
+
+
 def bert_forward(length: int, hidden: int, layers: int, inter: int, memory: int = 0,
                  memory_width: int = 0) -> float:
   """Per sequence; with `memory` > 0 each layer also cross-attends to `memory` tokens."""

@@ -53,16 +53,20 @@ def _check_corpus(c: dict, where: str, synthetic: str) -> None:
   if fmt in ("tfds",) or "://" in path:
     return  # a dataset name, or an object store: the reader reports it
   pending = bool(synthetic) and os.path.abspath(path).startswith(os.path.abspath(synthetic))
-  if fmt in ("json", "csv") and not os.path.exists(path) and not pending:
+  if fmt in ("json", "csv", "labels") and not os.path.exists(path) and not pending:
     raise FileNotFoundError(f"{where}.path={path}: no such file")
+  classes = c.get("classes", "")
+  if classes and not os.path.exists(classes) and not (
+      synthetic and os.path.abspath(classes).startswith(os.path.abspath(synthetic))):
+    raise FileNotFoundError(f"{where}.classes={classes}: no such file")
   if fmt in ("array_record", "targets") and not pending:
     try:  # a glob, a directory or a `name-*-of-*` prefix, as the reader takes it
       shard_paths(path)
     except FileNotFoundError:
       raise FileNotFoundError(f"{where}.path={path}: no shards match (a glob, a directory of "
                               "*.array_record files or a name-*-of-* prefix)") from None
-  if fmt not in ("json", "csv", "array_record", "tfds", "targets"):
-    raise ValueError(f"{where}.format={fmt!r}: use json, csv, array_record, tfds or targets")
+  if fmt not in ("json", "csv", "labels", "array_record", "tfds", "targets"):
+    raise ValueError(f"{where}.format={fmt!r}: use json, csv, labels, array_record, tfds or targets")
   if root and "://" not in root and not os.path.isdir(root) and not pending and not (
       synthetic and os.path.abspath(root).startswith(os.path.abspath(synthetic))):
     raise FileNotFoundError(f"{where}.data_root={root}: no such directory")
