@@ -100,6 +100,9 @@ def get_config(arg=None):
     m.num_classes = 4
     d.synthetic_dir = "data/synthetic"
     d.batch_size, d.num_workers, d.read_threads = 32, 0, 2
+    # a mirrored clip of a shape moving right moves left: like the official SSv2 fine-tuning,
+    # no horizontal flip for direction labels
+    d.load = dict(d.load.to_dict(), flip=a.task != "direction")
     root, task = "data/synthetic", a.task   # written at start when missing (as the stage-2 demo's)
     d.corpora = ({"format": "labels", "path": f"{root}/train_{task}.txt", "data_root": root,
                   "classes": f"{root}/classes_{task}.txt", "cache_frames": 32},)
