@@ -7,6 +7,7 @@ bash launch/setup.sh
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 workers="${IV2_TEST_WORKERS:-$(nproc)}"
 rc=0
-.venv/bin/python -m pytest -n "$workers" tests "$@" || rc=$?
+# loadgroup: the multi-host chains share one worker (tests/test_multihost.py says why)
+.venv/bin/python -m pytest -n "$workers" --dist loadgroup tests "$@" || rc=$?
 [ "$rc" -eq 5 ] && { echo "no tests collected"; rc=0; }
 exit "$rc"

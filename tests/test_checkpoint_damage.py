@@ -97,13 +97,13 @@ def test_no_restorable_step_is_an_error_naming_each(tmp_path):
 def test_a_resumed_run_keeps_one_metrics_record_per_step(tmp_path):
   import json
   from internvideo2_jax.train.metrics import MetricWriter
-  w = MetricWriter(str(tmp_path), tensorboard=False, console=False)
+  w = MetricWriter(str(tmp_path), tensorboard=False)
   for step in range(1, 6):  # killed after logging step 5, its last checkpoint at step 3
     w.write(step, {"loss": float(step)}, prefix="train/")
   w.close()
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 6, "tim')  # a line cut by the kill
-  w = MetricWriter(str(tmp_path), tensorboard=False, console=False)
+  w = MetricWriter(str(tmp_path), tensorboard=False)
   w.truncate_after(3)
   for step in (4, 5, 6):
     w.write(step, {"loss": 10.0 + step}, prefix="train/")

@@ -17,6 +17,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+# One worker runs these chains one after the other (launch/test.sh: --dist loadgroup): two
+# 2-process runs at once on a 2-core machine oversubscribe it 8 device threads to a core, and
+# CPU collectives then stall past their timeouts.
+pytestmark = pytest.mark.xdist_group("multihost")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,7 +47,7 @@ def _cmd(args, workdir):
 
 def run_1x8(args, workdir):
   res = subprocess.run(_cmd(args, workdir), cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=900)
-  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[:3000] + "\n...\n" + res.stderr[-1500:]
   return res.stdout
 
 
@@ -69,18 +74,19 @@ def run_2x4(args, workdir):
 
   CPU gloo collectives between two processes on an oversubscribed 2-core machine (the suite's
   other worker compiling alongside) now and then stall past the collective timeout. Such a run
-  is started once more, as a cluster launcher would restart a job: it resumes from its own
+  is started again (up to twice), as a cluster launcher restarts a job: it resumes from its own
   checkpoint, and everything the tests compare (exports, evaluation) must still be exact."""
-  procs = start_2x4(args, workdir)
-  outs = [p.communicate(timeout=900)[0] for p in procs]
-  if any(p.returncode for p in procs) and "Gloo" in "".join(outs):
-    print(f"2-process run stalled in a CPU collective; restarting it once:\n{outs[0][-1500:]}")
-    first = outs[0]
-    outs = finish(start_2x4(args, workdir))
-    return first + outs[0], outs[0]
+  every = ""
+  for attempt in range(3):
+    procs = start_2x4(args, workdir)
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    every += outs[0]
+    if not (any(p.returncode for p in procs) and "Gloo" in "".join(outs)) or attempt == 2:
+      break
+    print(f"2-process run stalled in a CPU collective; restarting it:\n{outs[0][-1500:]}")
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}\nthe other:\n{outs[1 - i][-2000:]}"
-  return outs[0], outs[0]
+  return every, outs[0]
 
 
 def same_export(a, b, name):
@@ -129,7 +135,7 @@ def test_stage2_sigterm_on_two_hosts_then_one_host_then_two(corpus, tmp_path):
   lines, deadline = [], time.time() + 600
   for line in procs[0].stdout:
     lines.append(line)
-    if line.startswith("[1/6") or time.time() > deadline:
+    if line.startswith("step 1/6") or time.time() > deadline:
       for p in procs:
         p.send_signal(signal.SIGTERM)
       break

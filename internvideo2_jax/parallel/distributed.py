@@ -70,9 +70,9 @@ def initialize(cfg=None) -> str:
     return f"process {jax.process_index()} of {jax.process_count()} (already initialised)"
   kwargs = _explicit(cfg)
   timeout = int(cfg.get("timeout_s", 300)) if cfg is not None else 300
+  _cpu_collective_timeout(timeout)  # also for one process over several CPU devices
   if not kwargs and not (mode == "auto" and (env := _detected_cluster()) is not None):
     return "single process"
-  _cpu_collective_timeout(timeout)
   jax.distributed.initialize(**kwargs, initialization_timeout=timeout, shutdown_timeout_seconds=timeout)
   how = f"coordinator {kwargs['coordinator_address']}" if kwargs else f"{env.__name__} detected"
   return (f"process {jax.process_index()} of {jax.process_count()} ({how}); "
@@ -80,8 +80,8 @@ def initialize(cfg=None) -> str:
 
 
 def _cpu_collective_timeout(seconds: int) -> None:
-  """CPU (gloo) collectives give up when the processes arrive more than 30 s apart, which a
-  loaded host reaches easily (one process compiling or writing files while the others wait):
+  """CPU collectives (gloo between processes, rendezvous between the devices of one process)
+  give up when the participants arrive more than 30 s apart, which a loaded host reaches easily (one process compiling or writing files while the others wait):
   the same `distributed.timeout_s` applies to them. XLA reads XLA_FLAGS when the backend starts,
   which is after this point; the flag is a no-op on GPU and TPU. A value already set wins."""
   flags = os.environ.get("XLA_FLAGS", "")
