@@ -184,3 +184,46 @@ def test_finetune_job_full_attentive_and_linear(tmp_path):
   after = load_state_dict(str(tmp_path / "lin" / "export" / "finetune_official_layout.safetensors"))
   np.testing.assert_array_equal(after["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
   assert not np.array_equal(after["head.weight"], sd["head.weight"])
+
+
+def test_python_api_loads_workdirs_and_files(tmp_path):
+  """api.load: a stage-2 workdir (config + checkpoint) and its export file + config give the
+  same embeddings; a fine-tuned classifier from its export classifies."""
+  from configs import finetune as ft_config, stage2 as stage2_config
+  from internvideo2_jax import api
+  from internvideo2_jax.data import synthetic
+  from internvideo2_jax.train import finetune, stage2
+  syn = str(tmp_path / "syn")
+  synthetic.write_corpus(syn, train=8, val=4, size=32, radius=(0.22, 0.3))
+  c = stage2_config.get_config("size=tiny")
+  c.data.corpora = ({"format": "json", "path": f"{syn}/train.json", "data_root": syn},)
+  c.train.total_steps = 1
+  stage2.run(c, str(tmp_path / "s2"))
+  clips = np.random.default_rng(0).integers(0, 255, (3, 4, 32, 32, 3), dtype=np.uint8)
+  from_dir = api.load(str(tmp_path / "s2"))
+  assert from_dir.kind == "stage2" and from_dir.step == 1
+  v = api.encode_videos(from_dir, clips)
+  t = api.encode_texts(from_dir, ["a red circle moves left", "a blue square moves up"])
+  assert v.shape == (3, 16) and t.shape == (2, 16)
+  np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+  from_file = api.load(str(tmp_path / "s2" / "export" / "stage2_official_layout.safetensors"),
+                       config="configs/stage2.py:size=tiny")
+  np.testing.assert_allclose(api.encode_videos(from_file, clips), v, atol=1e-5)
+  np.testing.assert_allclose(api.encode_texts(from_file, ["a red circle moves left"]), t[:1], atol=1e-5)
+  with pytest.raises(ValueError, match="uint8"):
+    api.encode_videos(from_dir, clips.astype(np.float32))
+  with pytest.raises(ValueError, match="needs the config"):
+    api.load(str(tmp_path / "s2" / "export" / "stage2_official_layout.safetensors"))
+  hist = api.metrics_history(str(tmp_path / "s2"))
+  assert [s for s, _ in hist["train/loss"]] == [1]
+
+  f = ft_config.get_config("size=tiny")
+  f.data.corpora = ({"format": "labels", "path": f"{syn}/train_direction.txt", "data_root": syn},)
+  f.train.total_steps = 1
+  finetune.run(f, str(tmp_path / "ft"))
+  clf = api.load(str(tmp_path / "ft"))
+  probs = api.classify(clf, clips)
+  assert probs.shape == (3, 4)
+  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+  same = api.load(str(tmp_path / "ft" / "export" / "finetune_official_layout.safetensors"), config=f)
+  np.testing.assert_allclose(api.classify(same, clips), probs, atol=1e-5)
