@@ -214,6 +214,19 @@ def test_python_api_loads_workdirs_and_files(tmp_path):
     api.encode_videos(from_dir, clips.astype(np.float32))
   with pytest.raises(ValueError, match="needs the config"):
     api.load(str(tmp_path / "s2" / "export" / "stage2_official_layout.safetensors"))
+  # a directory laid out like a Hugging Face model repo (one checkpoint + config.json), offline
+  import shutil
+  repo = tmp_path / "hf" / "InternVideo2-Stage2_tiny"
+  repo.mkdir(parents=True)
+  shutil.copy(tmp_path / "s2" / "export" / "stage2_official_layout.safetensors", repo / "InternVideo2-stage2_tiny.safetensors")
+  (repo / "config.json").write_text("{}")
+  from_repo = api.load(str(repo), config="configs/stage2.py:size=tiny")
+  np.testing.assert_allclose(api.encode_videos(from_repo, clips), v, atol=1e-5)
+  shutil.copy(repo / "InternVideo2-stage2_tiny.safetensors", repo / "other.safetensors")
+  with pytest.raises(FileNotFoundError, match="2 weights files"):
+    api.load(str(repo), config="configs/stage2.py:size=tiny")
+  with pytest.raises(FileNotFoundError, match="Hugging Face repo"):
+    api.resolve_weights("iv2-tests-nobody/no-such-repo-here")
   hist = api.metrics_history(str(tmp_path / "s2"))
   assert [s for s, _ in hist["train/loss"]] == [1]
 
