@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import re
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from internvideo2_jax.convert.io import resolve_weights  # noqa: F401 - part of this API
 
 KINDS = {"train_stage2": "stage2", "evaluate": "stage2", "finetune": "classifier"}
 
@@ -87,34 +88,6 @@ def _model(config, kind: str):
   from internvideo2_jax.train.finetune import build_model_config
   mcfg = build_model_config(config)
   return mcfg, VideoClassifier(mcfg), None
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
-
-
-def resolve_weights(path: str) -> str:
-  """A weights file from: a file; a directory laid out like a Hugging Face model repo (the
-  released InternVideo2 repos hold one checkpoint, e.g. `InternVideo2-stage2_1b-224p-f4.pt`);
-  or a repo id `org/name` (fetched with huggingface_hub when a network is there)."""
-  if os.path.isfile(path):
-    return path
-  if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
-    try:
-      from huggingface_hub import snapshot_download
-      path = snapshot_download(path, allow_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES] + ["*.json"])
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo: one clear line
-      raise FileNotFoundError(f"{path}: not a local path, and fetching it as a Hugging Face repo failed "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download it and "
-                              "pass the directory or file") from None
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: no such file or directory")
-  found = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files
-                 if f.endswith(WEIGHT_SUFFIXES) and not f.startswith("."))
-  if len(found) != 1:
-    raise FileNotFoundError(f"{path}: " + ("no weights file (" + ", ".join(WEIGHT_SUFFIXES) + ")" if not found else
-                                           f"{len(found)} weights files ({', '.join(map(os.path.basename, found))}); "
-                                           "pass the one to load"))
-  return found[0]
 
 
 def load(path: str, *, config=None) -> Loaded:

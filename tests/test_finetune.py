@@ -240,3 +240,20 @@ def test_python_api_loads_workdirs_and_files(tmp_path):
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
   same = api.load(str(tmp_path / "ft" / "export" / "finetune_official_layout.safetensors"), config=f)
   np.testing.assert_allclose(api.classify(same, clips), probs, atol=1e-5)
+
+
+def test_every_weights_setting_takes_a_hf_repo_layout(tmp_path):
+  """load_state_dict (behind every *_init and eval.weights) takes a file, a directory laid out
+  like a Hugging Face repo, or a repo id (offline here: one clear error)."""
+  from internvideo2_jax.convert.io import is_repo_id, load_state_dict
+  repo = tmp_path / "InternVideo2-Stage2_1B-224p-f4"
+  repo.mkdir()
+  np.savez(repo / "InternVideo2-stage2_1b-224p-f4.npz", **{"temp": np.float32(0.07)})
+  (repo / "README.md").write_text("model card")
+  assert float(load_state_dict(str(repo))["temp"]) == pytest.approx(0.07)
+  assert is_repo_id("OpenGVLab/InternVideo2-Stage2_1B-224p-f4") and not is_repo_id("runs/x.safetensors")
+  with pytest.raises(FileNotFoundError, match="no such file or directory"):
+    load_state_dict(str(tmp_path / "runs" / "missing.safetensors"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no weights file"):
+    load_state_dict(str(tmp_path / "empty"))

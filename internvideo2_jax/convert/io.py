@@ -8,6 +8,7 @@ unwrapped as the official loaders do.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
@@ -122,11 +123,46 @@ class LazyStateDict(RenamedView):
     super().__init__(reader, {k: k for k in reader.file.keys() if not k.endswith("position_ids")})
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
+
+
+def is_repo_id(path: str) -> bool:
+  """`org/name` that is not a local path: a Hugging Face repo id."""
+  return (not os.path.exists(path) and bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path))
+          and not path.startswith(".") and not path.endswith(WEIGHT_SUFFIXES))
+
+
+def resolve_weights(path: str) -> str:
+  """A weights file from: a file; a directory laid out like a Hugging Face model repo (the
+  released InternVideo2 repos hold one checkpoint, e.g. `InternVideo2-stage2_1b-224p-f4.pt`);
+  or a repo id `org/name` (fetched with huggingface_hub when a network is there)."""
+  if os.path.isfile(path):
+    return path
+  if is_repo_id(path):
+    try:
+      from huggingface_hub import snapshot_download
+      path = snapshot_download(path, allow_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES] + ["*.json"])
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo: one clear line
+      raise FileNotFoundError(f"{path}: not a local path, and fetching it as a Hugging Face repo failed "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download it and "
+                              "pass the directory or file") from None
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such file or directory")
+  found = sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files
+                 if f.endswith(WEIGHT_SUFFIXES) and not f.startswith("."))
+  if len(found) != 1:
+    raise FileNotFoundError(f"{path}: " + ("no weights file (" + ", ".join(WEIGHT_SUFFIXES) + ")" if not found else
+                                           f"{len(found)} weights files ({', '.join(map(os.path.basename, found))}); "
+                                           "pass the one to load"))
+  return found[0]
+
+
 def load_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
-  """Loads a flat state dict from .pth/.pt/.bin (torch), .safetensors or .npz."""
+  """Loads a flat state dict from .pth/.pt/.bin (torch), .safetensors or .npz: a file, a
+  directory laid out like a Hugging Face model repo, or a repo id (resolve_weights)."""
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if not os.path.isfile(path):
+    path = resolve_weights(path)
   ext = os.path.splitext(path)[1].lower()
   try:
     if ext == ".safetensors":  # read lazily, tensor by tensor (no wrappers in this format)

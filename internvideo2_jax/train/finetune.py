@@ -151,7 +151,8 @@ def class_names(config) -> list[str]:
 
 def load_init(config, vision_cfg, placer) -> str:
   """`model.init_from`: an official-layout / exported checkpoint file (stage 1, stage 2, CLIP,
-  a fine-tuned classifier: only the encoder's keys are read) or a workdir (its export)."""
+  a fine-tuned classifier: only the encoder's keys are read), a workdir (its export), a
+  directory laid out like a Hugging Face repo, or a repo id."""
   from internvideo2_jax.convert.official import load_vision_init
   path = config.model.get("init_from", "")
   if not path:
@@ -161,9 +162,8 @@ def load_init(config, vision_cfg, placer) -> str:
                                                         "stage1_official_layout.safetensors",
                                                         "finetune_official_layout.safetensors")]
     found = [f for f in found if os.path.exists(f)]
-    if not found:
-      raise FileNotFoundError(f"model.init_from={path}: a directory without export/*_official_layout.safetensors")
-    path = found[0]
+    if found:  # else a directory laid out like a Hugging Face repo (convert.io.resolve_weights)
+      path = found[0]
   return load_vision_init(path, vision_cfg, partial=bool(config.model.get("init_partial", False)),
                           sink=placer.sink(("vision_encoder",)))
 
@@ -283,7 +283,8 @@ def resolve_init(config) -> None:
   """The demo's default init (the stage-2 demo's export) may not exist yet: then the encoder
   starts from scratch, with a note; an init set explicitly must exist."""
   path = config.model.get("init_from", "")
-  if path and not os.path.exists(path) and "://" not in path:
+  from internvideo2_jax.convert.io import is_repo_id
+  if path and not os.path.exists(path) and "://" not in path and not is_repo_id(path):
     if path == "runs/demo/export/stage2_official_layout.safetensors":
       print(f"note: {path} does not exist (run `bash launch/demo.sh` first for a pretrained encoder); "
             "the encoder starts from scratch", flush=True)

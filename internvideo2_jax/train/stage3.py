@@ -222,7 +222,8 @@ def resolve_inits(config) -> None:
   """A default init file that does not exist (the demo's stage-2 export before the demo ran)
   is dropped with a note; one set explicitly must exist."""
   path = config.model.get("vision_init")
-  if path and not os.path.exists(path) and "://" not in path:
+  from internvideo2_jax.convert.io import is_repo_id
+  if path and not os.path.exists(path) and "://" not in path and not is_repo_id(path):
     if path == "runs/demo/export/stage2_official_layout.safetensors":
       print(f"note: {path} does not exist (run `bash launch/demo.sh` first for a trained vision "
             "encoder); the vision encoder starts from scratch and trains with the rest", flush=True)
