@@ -257,3 +257,19 @@ def test_every_weights_setting_takes_a_hf_repo_layout(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no weights file"):
     load_state_dict(str(tmp_path / "empty"))
+
+
+def test_bad_fine_tuning_settings_are_named_before_model_work(tmp_path):
+  from configs import finetune as ft_config
+  from internvideo2_jax.train import finetune
+  (tmp_path / "train.txt").write_text("a.mp4 1\nb.mp4 7\n")
+  c = ft_config.get_config("size=tiny")          # 4 classes
+  c.data.corpora = ({"format": "labels", "path": str(tmp_path / "train.txt"), "data_root": str(tmp_path)},)
+  with pytest.raises(ValueError, match=r"corpora\[0\] .*train.txt: .*b.mp4.* has label 7, outside 0..3 "
+                                       r"\(model.num_classes=4\)"):
+    finetune.check_settings(c)
+  (tmp_path / "train.txt").write_text("a.mp4 1\nb.mp4 3\n")
+  finetune.check_settings(c)
+  c.data.load = dict(c.data.load.to_dict(), rand_augment="rand-m7-q2")
+  with pytest.raises(ValueError, match="config.data.load.rand_augment: .*unknown part 'q2'"):
+    finetune.check_settings(c)

@@ -256,6 +256,20 @@ def load_json(path: str, *, data_root: str = "", audio_root: str = "", source: s
     except (ValueError, TypeError) as e:
       skipped["bad_annotation"] += 1
       log.warning("%s: row %d skipped: %s", path, n, e)
+  return _usable(path, records, skipped, into)
+
+
+def _read_lines(path: str) -> list[str]:
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      return f.read().splitlines()
+  except OSError as e:
+    raise AnnotationError(f"{path}: cannot read annotations: {e}") from e
+
+
+def _usable(path: str, records: list, skipped: collections.Counter,
+            into: Optional[collections.Counter]) -> list[dict]:
+  """The parsed rows; the file's refusals added to `into`; no usable row is an error naming why."""
   if into is not None:
     into.update(skipped)
   if not records:
@@ -268,11 +282,7 @@ def load_csv(path: str, *, data_root: str = "", skipped: Optional[collections.Co
              allow_outside_root: bool = False) -> list[dict]:
   """Stage-1 rows `source path total_time start_time end_time target` (space- or comma-separated)."""
   into, skipped = skipped, collections.Counter()  # this file's drops, added to `into`
-  try:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      lines = f.read().splitlines()
-  except OSError as e:
-    raise AnnotationError(f"{path}: cannot read annotations: {e}") from e
+  lines = _read_lines(path)
   records = []
   for n, line in enumerate(lines, 1):
     if not line.strip():
@@ -295,12 +305,7 @@ def load_csv(path: str, *, data_root: str = "", skipped: Optional[collections.Co
     except ValueError as e:
       skipped["bad_annotation"] += 1
       log.warning("%s: line %d skipped: %s", path, n, e)
-  if into is not None:
-    into.update(skipped)
-  if not records:
-    why = ", ".join(f"{k} x{v}" for k, v in skipped.most_common())
-    raise AnnotationError(f"{path}: no usable rows ({why or 'empty'})")
-  return records
+  return _usable(path, records, skipped, into)
 
 
 # ----------------------------------------------------------------------------- packed records
@@ -339,11 +344,7 @@ def load_labels(path: str, *, data_root: str = "", classes: Sequence[str] = (),
   tab or comma separated; a path may contain spaces when the label is last), the label a class
   index or, with `classes`, a class name."""
   into, skipped = skipped, collections.Counter()
-  try:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      lines = f.read().splitlines()
-  except OSError as e:
-    raise AnnotationError(f"{path}: cannot read annotations: {e}") from e
+  lines = _read_lines(path)
   index = {name: i for i, name in enumerate(classes)}
   records = []
   for n, line in enumerate(lines, 1):
@@ -371,12 +372,7 @@ def load_labels(path: str, *, data_root: str = "", classes: Sequence[str] = (),
     except ValueError as e:
       skipped["bad_annotation"] += 1
       log.warning("%s: line %d skipped: %s", path, n, e)
-  if into is not None:
-    into.update(skipped)
-  if not records:
-    why = ", ".join(f"{k} x{v}" for k, v in skipped.most_common())
-    raise AnnotationError(f"{path}: no usable rows ({why or 'empty'})")
-  return records
+  return _usable(path, records, skipped, into)
 
 
 def encode_record(rec: dict) -> bytes:

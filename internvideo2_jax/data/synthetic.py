@@ -180,15 +180,19 @@ def qa_for(shape: str, colour: str, direction: str, sound: str, mc: bool = True)
   return qa
 
 
+def _split_rows(out: str):
+  """(split, rows) of the clips' train.json / val.json that exist."""
+  for split in ("train", "val"):
+    src = os.path.join(out, f"{split}.json")
+    if os.path.exists(src):
+      with open(src) as f:
+        yield split, json.load(f)
+
+
 def write_qa(out: str) -> dict:
   """(Re)writes {split}_qa.json from the clips' {split}.json rows."""
   paths = {}
-  for split in ("train", "val"):
-    src = os.path.join(out, f"{split}.json")
-    if not os.path.exists(src):
-      continue
-    with open(src) as f:
-      rows = json.load(f)
+  for split, rows in _split_rows(out):
     qa_rows = [{"video": r["video"], "QA": qa_for(r["shape"], r["colour"], r["direction"], r["sound"])}
                for r in rows]
     paths[f"{split}_qa"] = os.path.join(out, f"{split}_qa.json")
@@ -210,12 +214,7 @@ def write_label_lists(out: str) -> dict:
     paths[f"classes_{task}"] = os.path.join(out, f"classes_{task}.txt")
     with open(paths[f"classes_{task}"], "w") as f:
       f.write("\n".join(classes) + "\n")
-    for split in ("train", "val"):
-      src = os.path.join(out, f"{split}.json")
-      if not os.path.exists(src):
-        continue
-      with open(src) as f:
-        rows = json.load(f)
+    for split, rows in _split_rows(out):
       paths[f"{split}_{task}"] = os.path.join(out, f"{split}_{task}.txt")
       with open(paths[f"{split}_{task}"], "w") as f:
         f.write("".join(f"{r['video']} {classes.index(r[task])}\n" for r in rows))

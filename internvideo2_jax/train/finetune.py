@@ -149,6 +149,35 @@ def class_names(config) -> list[str]:
   return [str(i) for i in range(c)]
 
 
+def check_labels(records, num_classes: int, where: str) -> None:
+  """Labels outside 0..num_classes-1 would train as all-zero targets: an error naming the row."""
+  for i in range(len(records)):
+    label = int(records[i]["label"])
+    if not 0 <= label < num_classes:
+      raise ValueError(f"{where}: {records[i]['key']} has label {label}, outside 0..{num_classes - 1} "
+                       f"(model.num_classes={num_classes})")
+
+
+def check_settings(config) -> None:
+  """Before any model work: the mode, the RandAugment string, and the labels of the annotation
+  lists (parsed once more here; packed shards are checked when read)."""
+  import collections
+  from internvideo2_jax.data import sources
+  from internvideo2_jax.data.randaugment import RandAugmentSpec
+  freeze_for_mode(config.mode)
+  ra = config.data.load.get("rand_augment", "")
+  if ra:
+    try:
+      RandAugmentSpec.parse(ra)
+    except ValueError as e:
+      raise ValueError(f"config.data.load.rand_augment: {e}") from None
+  for n, c in enumerate(config.data.corpora):
+    c = dict(c)
+    if c.get("format", "json") in ("labels", "json") and os.path.exists(c.get("path", "")):
+      check_labels(sources.open_corpus(dict(c, cache_frames=0), skipped=collections.Counter(), uses=()),
+                   int(config.model.num_classes), f"config.data.corpora[{n}] {c['path']}")
+
+
 def load_init(config, vision_cfg, placer) -> str:
   """`model.init_from`: an official-layout / exported checkpoint file (stage 1, stage 2, CLIP,
   a fine-tuned classifier: only the encoder's keys are read), a workdir (its export), a
@@ -195,6 +224,7 @@ def _eval_setup(config, vision):
     return None
   refused = collections.Counter()
   records = sources.open_corpus(corpus, skipped=refused, uses=())
+  check_labels(records, int(config.model.num_classes), f"config.eval.corpus {corpus['path']}")
   spec = dataclasses.replace(_spec_from_config(config.data, vision, "finetune", train=False))
   labels = [int(records[i]["label"]) for i in range(len(records))]
   if refused and jax.process_index() == 0:
@@ -213,6 +243,7 @@ def run(config, workdir: str) -> dict:
   corpus.write_synthetic(config, "finetune")
   resolve_init(config)
   names = class_names(config)
+  check_settings(config)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   if config.mode == "linear":
     return run_linear(config, workdir, mesh, names)
@@ -329,7 +360,9 @@ def run_linear(config, workdir: str, mesh, names) -> dict:
   head, history = _train_linear(head, feats, labels, config)
   if jax.process_index() == 0:
     print(f"linear probe: loss {history[0]:.3f} -> {history[-1]:.3f} over {len(history)} epochs", flush=True)
-  params = dict(params, **{k: jax.tree.map(jnp.asarray, v) for k, v in head.items()})
+  # back into global arrays of the params' own shardings (every process holds the same head)
+  params = dict(params, **{k: jax.tree.map(lambda new, old: sharding.global_from_host(np.asarray(new), old.sharding),
+                                           v, params[k]) for k, v in head.items()})
   results = {"step": len(history), "linear_loss": history}
   ev = _eval_setup(config, mcfg.vision)
   if ev is not None:
