@@ -13,13 +13,23 @@ classify. The CLI jobs use the same pieces (`train/`, `evaluate/`).
 Kinds: `stage2` (video-text model: Stage2Model) and `classifier` (fine-tuned VideoClassifier),
 named by the training config's `job`. Weights files: our exports or the official layouts
 (`.safetensors`, `.npz`, `.pth` with torch), read by the converters of `convert/official.py`.
+
+Training and the other jobs run in-process through `train` (the `iv2` command line calls it too):
+
+    run = api.train("configs/stage2.py:size=demo", "runs/nb", {"train.total_steps": 300})
+    run.results["itc"]["t2v_r1"], run.history["train/loss"]  # final results, metrics over steps
+    m = run.load()
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib
 import importlib.util
+import logging
 import os
+import sys
 from typing import Any, Optional, Sequence
 
 import jax
@@ -30,6 +40,21 @@ import numpy as np
 from internvideo2_jax.convert.io import resolve_weights  # noqa: F401 - part of this API
 
 KINDS = {"train_stage2": "stage2", "evaluate": "stage2", "finetune": "classifier"}
+
+# job name -> module with `run(config, workdir)`; imported lazily so a job pulls in only its deps.
+JOBS = {
+    "features": "internvideo2_jax.evaluate.features",
+    "inspect_data": "internvideo2_jax.data.inspect",
+    "train_stage2": "internvideo2_jax.train.stage2",
+    "evaluate": "internvideo2_jax.evaluate.run",
+    "train_stage1": "internvideo2_jax.train.stage1",
+    "train_stage3": "internvideo2_jax.train.stage3",
+    "chat": "internvideo2_jax.evaluate.chat",
+    "cache_targets": "internvideo2_jax.train.cache_targets",
+    "compile": "internvideo2_jax.train.compile",
+    "finetune": "internvideo2_jax.train.finetune",
+}
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass
@@ -58,6 +83,8 @@ def load_config(spec) -> ml_collections.ConfigDict:
   if isinstance(spec, dict):
     return ml_collections.ConfigDict(spec)
   path, _, arg = str(spec).partition(":")
+  if not os.path.exists(path) and os.path.exists(os.path.join(_REPO, path)):
+    path = os.path.join(_REPO, path)  # "configs/..." from a notebook's directory too
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path} not found")
   mod_spec = importlib.util.spec_from_file_location(f"_iv2_config_{abs(hash(path))}", path)
@@ -65,6 +92,107 @@ def load_config(spec) -> ml_collections.ConfigDict:
   mod_spec.loader.exec_module(module)
   return module.get_config(arg or None)
 
+
+
+def override(config, overrides: Optional[dict]) -> ml_collections.ConfigDict:
+  """Sets dotted keys ({"train.total_steps": 300, "model.vision.depth": 2}) as `--config.x=y`
+  does; an unknown key is refused with the closest known ones."""
+  for key, value in (overrides or {}).items():
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+        known = list(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+        near = difflib.get_close_matches(part, known, n=3)
+        where = ".".join(parts[:i]) or "the config"
+        raise KeyError(f"unknown config key {key!r}: {where} has no {part!r}"
+                       + (f" (did you mean {', '.join(near)}?)" if near else ""))
+      if i == len(parts) - 1:
+        node[part] = value
+      else:
+        node = node[part]
+  return config
+
+
+@dataclasses.dataclass
+class Run:
+  """What `train` returns: the job's results (as in its eval_*.json / run.json) and the run's
+  metrics over steps (metrics.jsonl, as `metrics_history`)."""
+  workdir: str
+  config: Any
+  results: dict
+
+  @property
+  def history(self) -> dict:
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    return metrics_history(self.workdir) if os.path.exists(path) else {}
+
+  def load(self) -> "Loaded":
+    return load(self.workdir)
+
+
+def train(config, workdir: str, overrides: Optional[dict] = None) -> Run:
+  """Runs the job `config.job` names (training stage 1/2/3, fine-tuning, evaluation, ...) in this
+  process, exactly as `iv2 --config=... --workdir=...` does (the command line calls this), and
+  returns its results and metrics history. `config`: a ConfigDict or "configs/FILE.py[:args]".
+  A run already in `workdir` resumes from its latest checkpoint (a finished one reports again)."""
+  config = override(load_config(config), overrides)
+  job = config.get("job")
+  if job not in JOBS:
+    raise ValueError(f"config.job={job!r} is not a known job; known: {sorted(JOBS)}")
+  setup_logging()
+  start_runtime(config, job)
+  results = importlib.import_module(JOBS[job]).run(config, workdir) or {}
+  from internvideo2_jax.parallel import distributed
+  # Process 0 may still be writing exports and results long after the others are done; jax's
+  # shutdown barrier allows only `distributed.timeout_s`, this one an hour.
+  distributed.sync("job finished")
+  return Run(workdir, config, results)
+
+
+class _PlainFormatter(logging.Formatter):
+  def format(self, record: logging.LogRecord) -> str:
+    msg = super().format(record)
+    return msg if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {msg}"
+
+
+def setup_logging() -> None:
+  """Our modules report at INFO in plain lines; libraries (orbax, jax backend probing) only
+  warnings, also those that log through absl (its `I1202 12:00:00 file:line]` lines)."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger().setLevel(logging.WARNING)
+  ours = logging.getLogger("internvideo2_jax")
+  ours.setLevel(logging.INFO)
+  ours.propagate = False
+  if not any(isinstance(h.formatter, _PlainFormatter) for h in ours.handlers):  # once per process
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainFormatter())
+    ours.addHandler(handler)
+
+
+def start_runtime(config, job: str) -> None:
+  """Before any device use: fake devices for `compile`, the multi-host start, the compilation
+  cache; then only process 0 prints (the others keep warnings and errors on stderr)."""
+  from internvideo2_jax.parallel import distributed
+  if job == "compile":
+    n = int(config.compile.get("devices", 0))
+    if n and not config.compile.get("topology"):
+      jax.config.update("jax_platforms", "cpu")
+      jax.config.update("jax_num_cpu_devices", n)
+    where = "single process (compile job)"
+  else:
+    where = distributed.initialize(config.get("distributed"))
+  cache = config.get("runtime", {}).get("compilation_cache_dir", "auto")
+  if cache == "auto":
+    cache = (os.path.expanduser("~/.cache/internvideo2_jax/jax_cache")
+             if jax.default_backend() in ("gpu", "tpu") else "")
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+  if jax.process_count() > 1:
+    if jax.process_index() != 0:
+      sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+      logging.getLogger("internvideo2_jax").setLevel(logging.WARNING)
+    print(f"multi-host: {where}", flush=True)
 
 def _kind(config) -> str:
   job = config.get("job", "")
@@ -103,8 +231,8 @@ def load(path: str, *, config=None) -> Loaded:
   config = load_config(config)
   kind = _kind(config)
   mcfg, model, tok = _model(config, kind)
-  from internvideo2_jax.convert.io import load_state_dict
   from internvideo2_jax.convert import official
+  from internvideo2_jax.convert.io import load_state_dict
   sd = load_state_dict(path)
   if kind == "stage2":
     convert = official.stage2_av_from_state_dict if mcfg.get("audio") else official.stage2_from_state_dict
@@ -182,10 +310,8 @@ def encode_videos(m: Loaded, videos, *, batch_size: int = 32) -> np.ndarray:
     method = type(m.model).encode_vision
     fn = jax.jit(lambda p, v: m.model.apply({"params": p}, normalize(v, norm, dtype), method=method)[1])
   else:
-    from internvideo2_jax.models.vit import VisionEncoder
-    enc = VisionEncoder(m.model_config.vision)
-    p = m.params["vision_encoder"]
-    fn = jax.jit(lambda _, v: enc.apply({"params": p}, normalize(v, norm, dtype))["pooled"])
+    pooled = _vision_output(m, "pooled")
+    fn = jax.jit(lambda p, v: pooled(p, normalize(v, norm, dtype)))
   return np.asarray(l2_normalize(_batches(lambda v: fn(m.params, v), [videos], batch_size)))
 
 
@@ -213,6 +339,54 @@ def classify(m: Loaded, videos, *, batch_size: int = 32) -> np.ndarray:
   dtype = jnp.dtype(m.model_config.vision.get("dtype", "float32"))
   fn = jax.jit(lambda p, v: jax.nn.softmax(m.model.apply({"params": p}, normalize(v, norm, dtype)), axis=-1))
   return _batches(lambda v: fn(m.params, v), [videos], batch_size)
+
+
+def _vision_output(m: Loaded, key: str):
+  """A jitted fn (params, normalised video) -> the vision encoder's output `key`."""
+  from internvideo2_jax.models.vit import VisionEncoder
+  if m.kind == "stage2":
+    return jax.jit(lambda p, v: m.model.apply({"params": p}, v, method=lambda mod, x: mod.vision_encoder(x)[key]))
+  enc = VisionEncoder(m.model_config.vision)
+  return jax.jit(lambda p, v: enc.apply({"params": p["vision_encoder"]}, v)[key])
+
+
+def pool_attention(m: Loaded, videos, *, batch_size: int = 32) -> np.ndarray:
+  """Where the attention pooling looks: its weights over the patch tokens (heads averaged, the
+  class token's share left out) as (N, T / tubelet, H / patch, W / patch) maps, token order
+  time-major as the official patch embedding. Each map sums to 1 - the class token's weight."""
+  from internvideo2_jax.data.transforms import normalize
+  videos = _check_clips(m, videos)
+  v = m.model_config.vision
+  grid = (v.num_frames // v.tubelet_size, v.img_size // v.patch_size, v.img_size // v.patch_size)
+  norm = m.config.data.get("norm", "imagenet")
+  dtype = jnp.dtype(v.get("dtype", "float32"))
+  fn = _vision_output(m, "pool_attn")
+  attn = _batches(lambda x: fn(m.params, normalize(x, norm, dtype)), [videos], batch_size)
+  return attn[:, 1:].reshape(len(videos), *grid)
+
+
+def zero_shot(m: Loaded, videos, class_names: Sequence[str], *, templates: Sequence[str] = ("{}",),
+              batch_size: int = 32) -> np.ndarray:
+  """Zero-shot classification with a stage-2 model: (N, C) video-prompt similarities, averaged
+  over `templates` (e.g. evaluate.classification.TEMPLATES, the official ActionCLIP prompts)."""
+  from internvideo2_jax.evaluate.classification import prompt_similarity
+  feats = encode_videos(m, videos, batch_size=batch_size)
+  prompts = encode_texts(m, [t.format(c) for c in class_names for t in templates])
+  return prompt_similarity(feats, prompts, len(class_names))
+
+
+def heldout(m: Loaded, *, limit: Optional[int] = None):
+  """The held-out retrieval set of a stage-2 model's run (its `eval.corpus`, or the synthetic
+  corpus's val.json it trained on), decoded with the test transform: an
+  evaluate.retrieval.RetrievalSet (videos uint8 (N, T, H, W, 3), texts, txt2vid, keys)."""
+  from internvideo2_jax.data.loader import LoadSpec
+  from internvideo2_jax.evaluate import retrieval
+  from internvideo2_jax.evaluate.run import eval_set
+  v = m.model_config.vision
+  spec = LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size, tubelet_size=v.tubelet_size)
+  corpus = eval_set(m.config, m.config.to_dict())
+  return retrieval.load_retrieval_set(corpus, spec, caption_field=m.config.eval.get("caption_field", "captions"),
+                                      limit=limit)
 
 
 def metrics_history(workdir: str) -> dict[str, list[tuple[int, float]]]:

@@ -192,16 +192,27 @@ def test_python_api_loads_workdirs_and_files(tmp_path):
   from configs import finetune as ft_config, stage2 as stage2_config
   from internvideo2_jax import api
   from internvideo2_jax.data import synthetic
-  from internvideo2_jax.train import finetune, stage2
+  from internvideo2_jax.train import finetune
   syn = str(tmp_path / "syn")
   synthetic.write_corpus(syn, train=8, val=4, size=32, radius=(0.22, 0.3))
   c = stage2_config.get_config("size=tiny")
-  c.data.corpora = ({"format": "json", "path": f"{syn}/train.json", "data_root": syn},)
-  c.train.total_steps = 1
-  stage2.run(c, str(tmp_path / "s2"))
+  with pytest.raises(KeyError, match=r"train has no 'total_step'.*total_steps"):
+    api.train(c, str(tmp_path / "s2"), {"train.total_step": 1})
+  # in-process training, as the command line runs it: results and the metrics history come back
+  run = api.train(c, str(tmp_path / "s2"), {
+      "data.corpora": ({"format": "json", "path": f"{syn}/train.json", "data_root": syn},),
+      "eval.corpus": {"format": "json", "path": f"{syn}/val.json", "data_root": syn},
+      "train.total_steps": 1, "train.eval_every": 1})
+  assert [s for s, _ in run.history["train/loss"]] == [1]
+  assert 0 <= run.results["itc"]["t2v_r1"] <= 100
   clips = np.random.default_rng(0).integers(0, 255, (3, 4, 32, 32, 3), dtype=np.uint8)
-  from_dir = api.load(str(tmp_path / "s2"))
+  from_dir = run.load()
   assert from_dir.kind == "stage2" and from_dir.step == 1
+  held = api.heldout(from_dir)
+  assert held.videos.shape == (4, 4, 32, 32, 3) and len(held.texts) >= 4
+  attn = api.pool_attention(from_dir, held.videos)
+  assert attn.shape == (4, 4, 4, 4) and np.all(attn >= 0) and np.all(attn.sum((1, 2, 3)) <= 1 + 1e-5)
+  assert api.zero_shot(from_dir, held.videos, ["left", "right"], templates=("{}", "moving {}")).shape == (4, 2)
   v = api.encode_videos(from_dir, clips)
   t = api.encode_texts(from_dir, ["a red circle moves left", "a blue square moves up"])
   assert v.shape == (3, 16) and t.shape == (2, 16)
@@ -227,8 +238,6 @@ def test_python_api_loads_workdirs_and_files(tmp_path):
     api.load(str(repo), config="configs/stage2.py:size=tiny")
   with pytest.raises(FileNotFoundError, match="Hugging Face repo"):
     api.resolve_weights("iv2-tests-nobody/no-such-repo-here")
-  hist = api.metrics_history(str(tmp_path / "s2"))
-  assert [s for s, _ in hist["train/loss"]] == [1]
 
   f = ft_config.get_config("size=tiny")
   f.data.corpora = ({"format": "labels", "path": f"{syn}/train_direction.txt", "data_root": syn},)

@@ -37,9 +37,15 @@ def classify_features(encoder, feats: np.ndarray, labels: np.ndarray, class_name
   prompts = [text_lib.pre_text(t.format(c)) for c in class_names for t in templates]
   ids, mask = text_lib.tokenize(tokenizer, prompts, max_txt_l)
   _, tfeat = encoder.texts(ids, mask)                      # (C * P, E), normalised
-  sim = (feats @ tfeat.T).reshape(len(feats), len(class_names), len(templates)).mean(-1)
-  order = np.argsort(-sim, axis=1)
+  order = np.argsort(-prompt_similarity(feats, tfeat, len(class_names)), axis=1)
   labels = np.asarray(labels)
   top1 = float(np.mean(order[:, 0] == labels)) * 100
   top5 = float(np.mean([labels[i] in order[i, :5] for i in range(len(labels))])) * 100
   return {"top1": top1, "top5": top5, "num_examples": int(len(feats)), "num_classes": len(class_names)}
+
+
+def prompt_similarity(feats: np.ndarray, prompt_feats: np.ndarray, num_classes: int) -> np.ndarray:
+  """(N, C) similarities of normalised features to C classes whose prompts (C * P, E) are listed
+  class by class, averaged over each class's P prompts (the similarities, not the embeddings)."""
+  sim = feats @ prompt_feats.T
+  return sim.reshape(len(feats), num_classes, -1).mean(-1)
