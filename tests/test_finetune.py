@@ -163,6 +163,11 @@ def test_finetune_job_full_attentive_and_linear(tmp_path):
   c = cfg("full")
   back = classifier_from_state_dict(sd, finetune.build_model_config(c))["params"]
   np.testing.assert_array_equal(back["head"]["kernel"], sd["head.weight"].T)
+  # the official fine-tuning loader's prefixes: `backbone.` / `encoder.` dropped, other keys kept
+  wrapped = {(k if k.startswith(("head.", "fc_norm.")) else "backbone." + k): v for k, v in sd.items()}
+  again = classifier_from_state_dict(wrapped, finetune.build_model_config(c))["params"]
+  np.testing.assert_array_equal(again["vision_encoder"]["cls_token"], back["vision_encoder"]["cls_token"])
+  np.testing.assert_array_equal(again["head"]["kernel"], back["head"]["kernel"])
 
   probe = cfg("attentive")
   probe.model.init_from = export            # a fine-tuned classifier file: the encoder keys are read

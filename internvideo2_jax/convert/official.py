@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from internvideo2_jax.convert.io import CheckpointError, leaf_writer, mismatch_error, set_path, strip_prefix
+from internvideo2_jax.convert.io import (CheckpointError, RenamedView, leaf_writer, mismatch_error, set_path,
+                                         strip_prefix)
 from internvideo2_jax.models.embeddings import resize_bicubic, resize_linear, resize_pos_embed
 from internvideo2_jax.models.vit import ViTSpec
 
@@ -160,6 +161,20 @@ def _resize_table(key: str, value: np.ndarray, want: tuple[int, ...], spec: ViTS
 _RESIZABLE = ("pos_embed", "img_pos_embed", "pos_embed_spatial", "pos_embed_temporal")
 
 
+def _sm_prefixes(sd: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+  """The single-modality fine-tuning loader's rule (`SM/run_finetuning.py`): `backbone.` and
+  `encoder.` prefixes are dropped (pretraining checkpoints of other codebases use them); the
+  other keys stay as they are. A view: no tensor is read."""
+  def plain(k: str) -> str:
+    for prefix in ("backbone.", "encoder."):
+      if k.startswith(prefix):
+        return k[len(prefix):]
+    return k
+  if not any(k.startswith(("backbone.", "encoder.")) for k in sd):
+    return sd
+  return RenamedView(sd, {plain(k): k for k in sd})
+
+
 def vision_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
                            checkpoint_num_frames: Optional[int] = None,
                            strict: bool = True,
@@ -177,7 +192,7 @@ def vision_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
   into sharded arrays: the host holds one leaf at a time); the problems are still raised.
   """
   spec = ViTSpec.from_config(config)
-  sd = strip_prefix(strip_prefix(state_dict, "module."), "vision_encoder.")
+  sd = _sm_prefixes(strip_prefix(strip_prefix(state_dict, "module."), "vision_encoder."))
   top, block = _rules(spec)
   params: dict = {}
   used, missing, misshaped = set(), [], []
@@ -447,7 +462,7 @@ def classifier_to_state_dict(params: Mapping, config: Any) -> dict[str, np.ndarr
 def classifier_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
                                checkpoint_num_frames: Optional[int] = None) -> dict:
   """An official fine-tuned classifier (or our export) -> `{'params': ...}` of VideoClassifier."""
-  sd = strip_prefix(strip_prefix(state_dict, "module."), "model.")
+  sd = _sm_prefixes(strip_prefix(strip_prefix(state_dict, "module."), "model."))
   heads = {k for k, *_ in _classifier_head_rules(config)}
   vision = vision_from_state_dict({k: v for k, v in sd.items() if k not in heads}, config.vision,
                                   checkpoint_num_frames=checkpoint_num_frames)

@@ -93,15 +93,16 @@ def save_confusion_png(results: dict, path: str) -> str:
   """The confusion matrix as an image (row-normalised, counts written in small sets)."""
   import io
 
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   from etils import epath
+
+  # A Figure without pyplot: no global backend switch (a notebook's inline plots keep working)
+  from matplotlib.figure import Figure
   m = np.asarray(results["confusion"], np.float64)
   names = results["classes"]
   norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
   size = min(4 + 0.35 * len(names), 30)
-  fig, ax = plt.subplots(figsize=(size, size))
+  fig = Figure(figsize=(size, size))
+  ax = fig.subplots()
   ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
   if len(names) <= 40:
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
@@ -117,6 +118,5 @@ def save_confusion_png(results: dict, path: str) -> str:
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=90)
-  plt.close(fig)
   epath.Path(path).write_bytes(buf.getvalue())
   return path

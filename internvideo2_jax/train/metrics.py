@@ -201,9 +201,8 @@ def _jsonable(o):
 def plot_curves(jsonl_path: str, out_path: str) -> Optional[str]:
   """The training losses and the evaluation R@1 / accuracy over steps as one PNG (for users
   without TensorBoard). Returns the path, or None when there is nothing to plot."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A Figure without pyplot: no global backend switch (a notebook's inline plots keep working)
+  from matplotlib.figure import Figure
   train, evals = {}, {}
   from etils import epath
   for line in epath.Path(jsonl_path).read_text().splitlines():
@@ -218,7 +217,8 @@ def plot_curves(jsonl_path: str, out_path: str) -> Optional[str]:
         evals.setdefault(k[5:], []).append((rec["step"], v))
   if not train:
     return None
-  fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+  fig = Figure(figsize=(11 if evals else 6, 4))
+  axes = fig.subplots(1, 2 if evals else 1, squeeze=False)
   ax = axes[0][0]
   for k, pts in sorted(train.items()):
     ax.plot(*zip(*pts), label=k, lw=2 if k == "loss" else 1)
@@ -231,7 +231,6 @@ def plot_curves(jsonl_path: str, out_path: str) -> Optional[str]:
   fig.tight_layout()
   buf = io.BytesIO()  # written through epath: local or gs://
   fig.savefig(buf, format="png", dpi=90)
-  plt.close(fig)
   epath.Path(out_path).write_bytes(buf.getvalue())
   return out_path
 
