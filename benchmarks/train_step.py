@@ -3,6 +3,7 @@ and remat policy, on one device.
 
     python benchmarks/train_step.py            # on a GPU: 1B encoder (+ a 6B-width slice)
     python benchmarks/train_step.py --smoke    # tiny models, any machine
+    python benchmarks/train_step.py --rows stage2:demo:48,stage1:tiny:8 --remats none,dots_no_batch
 
 MFU = analytic training FLOPs (train/flops.py: 2 per MAC of every matmul incl. attention,
 forward x 3) / step time / device peak (H100/H200 bf16 dense 989 TFLOP/s).
@@ -109,12 +110,17 @@ def stage1_row(size, batch, impl, remat, n):
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--rows", default="", help="own rows, e.g. 'stage2:demo:48,stage1:tiny:8' (with --remats)")
+  p.add_argument("--remats", default="none,dots_no_batch", help="remat policies for --rows")
   a = p.parse_args()
   peak = F.peak_flops()
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
   print("| step | batch | attention | remat | step time (s) | samples/s | TFLOP/s | MFU |")
   print("|---|---|---|---|---|---|---|---|")
-  if a.smoke:
+  if a.rows:  # e.g. the CPU comparison of remat policies in BENCHMARKS.md
+    runs = [(stage, size, int(batch), "xla", remat, None) for stage, size, batch in
+            (r.split(":") for r in a.rows.split(",")) for remat in a.remats.split(",")]
+  elif a.smoke:
     runs = [("stage2", "tiny", 8, "xla", "none", None), ("stage1", "tiny", 8, "xla", "none", None)]
   else:
     runs = []
@@ -125,9 +131,9 @@ def main():
   for name, size, batch, impl, remat, width in runs:
     try:
       if name.startswith("stage2"):
-        dt, fl = stage2_row(size, batch, impl, remat, 3 if a.smoke else 10, width)
+        dt, fl = stage2_row(size, batch, impl, remat, 3 if a.smoke or a.rows else 10, width)
       else:
-        dt, fl = stage1_row(size, batch, impl, remat, 3 if a.smoke else 10)
+        dt, fl = stage1_row(size, batch, impl, remat, 3 if a.smoke or a.rows else 10)
       mfu = f"{100 * fl / dt / peak:.1f}%" if peak else "n/a"
       print(f"| {name} {size} | {batch} | {impl} | {remat} | {dt:.3f} | {batch / dt:.1f} | {fl / dt / 1e12:.2f} | {mfu} |",
             flush=True)

@@ -119,7 +119,7 @@ class LLMSpec:
       raise bad(f"dtype={c['dtype']!r} must be one of {list(_DTYPES)}")
     if int(c["lora_rank"]) < 0:
       raise bad(f"lora_rank={c['lora_rank']} must be >= 0")
-    remat.policy(c["remat_policy"])
+    remat.check(c["remat_policy"])
     c["dtype"] = _DTYPES[c["dtype"]]
     return cls(**{k: c[k] for k in (f.name for f in dataclasses.fields(cls))})
 

@@ -43,7 +43,7 @@ _DEFAULTS = dict(vocab_size=30522, hidden_size=1024, num_layers=24, num_heads=16
                  intermediate_size=4096, max_position_embeddings=512, type_vocab_size=2,
                  layer_norm_eps=1e-12, hidden_dropout=0.1, attention_dropout=0.1,
                  fusion_layer=19, encoder_width=1408, gelu_approximate=False, dtype="float32",
-                 remat_policy="none", attn_impl="auto", pad_token_id=0)
+                 remat_policy="auto", attn_impl="auto", pad_token_id=0)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -83,7 +83,7 @@ class TextSpec:
                        f"[0, num_layers={c['num_layers']}]")
     if c["dtype"] not in _DTYPES:
       raise ValueError(f"invalid text config: dtype={c['dtype']!r} must be one of {list(_DTYPES)}")
-    remat.policy(c["remat_policy"])
+    remat.check(c["remat_policy"])
     c["dtype"] = _DTYPES[c["dtype"]]
     return cls(**{k: c[k] for k in (f.name for f in dataclasses.fields(cls))})
 

@@ -28,6 +28,7 @@ from internvideo2_jax.models.embeddings import PatchEmbed, sincos_2d, sincos_3d,
 from internvideo2_jax.models.heads import AttentionPoolingBlock
 from internvideo2_jax.models.layers import (Linear, LayerScale, Mlp, RMSNorm, drop_path,
                                             param_with_axes)
+from internvideo2_jax.ops import platform
 from internvideo2_jax.ops.attention import dot_product_attention
 
 # ----------------------------------------------------------------------------- presets
@@ -53,7 +54,8 @@ _DEFAULTS = dict(
     # reference path uses exact erf. True reproduces training, False the CPU path.
     gelu_approximate=True,
     dtype="float32",          # compute dtype; parameters are always fp32
-    remat_policy="none",      # see models/remat.py
+    remat_policy="auto",      # see models/remat.py ("auto": the platform's measured choice)
+    scan_unroll="auto",       # blocks per scan iteration (>= depth: fully unrolled, compile grows)
     attn_impl="auto",         # see ops/attention.py
     return_layers=(),         # block indices (negatives count from the end) to return
 )
@@ -102,6 +104,7 @@ class ViTSpec:
   remat_policy: str
   attn_impl: str
   return_layers: tuple[int, ...]
+  scan_unroll: int | str = "auto"
 
   @property
   def grid(self) -> tuple[int, int, int]:
@@ -134,7 +137,10 @@ class ViTSpec:
     need(0.0 <= float(c["drop_path_rate"]) < 1.0, f"drop_path_rate={c['drop_path_rate']} must be in [0, 1)")
     need(not (c["sep_pos_embed"] and c["sep_image_video_pos_embed"]),
          "sep_pos_embed and sep_image_video_pos_embed are exclusive")
-    remat.policy(c["remat_policy"])  # raises with the valid names
+    remat.check(c["remat_policy"])
+    unroll = c["scan_unroll"]
+    need(unroll == "auto" or (isinstance(unroll, int) and unroll >= 1),
+         f"scan_unroll={unroll!r} must be 'auto' or an integer >= 1")
     depth = int(c["depth"])
     layers = []
     for i in c["return_layers"]:
@@ -152,7 +158,8 @@ class ViTSpec:
         sep_image_video_pos_embed=bool(c["sep_image_video_pos_embed"]),
         drop_path_rate=float(c["drop_path_rate"]), gelu_approximate=bool(c["gelu_approximate"]),
         dtype=_DTYPES[c["dtype"]], remat_policy=str(c["remat_policy"]),
-        attn_impl=str(c["attn_impl"]), return_layers=tuple(layers))
+        attn_impl=str(c["attn_impl"]), return_layers=tuple(layers),
+        scan_unroll=unroll if unroll == "auto" else min(int(unroll), depth))
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -341,6 +348,7 @@ class VisionEncoder(nn.Module):
     deterministic = not train or s.drop_path_rate == 0.0
     stack = nn.scan(Block, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True}, in_axes=0, length=depth,
+                    unroll=platform.resolve("scan_unroll", s.scan_unroll),
                     metadata_params={nn.PARTITION_NAME: "layers"})
     (x, buf), _ = stack(s, deterministic, name="blocks")(
         (x, buf), (jnp.asarray(rates), jnp.arange(depth, dtype=jnp.int32), jnp.asarray(slots)))

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from internvideo2_jax.ops import platform as platform_lib
+
 log = logging.getLogger(__name__)
 
 Array = jax.Array
@@ -221,14 +223,6 @@ def _describe(spec: AttentionSpec) -> str:
           f"head_dim={spec.head_dim}")
 
 
-def _platform() -> str:
-  """Where the traced computation runs: the devices of the ambient mesh (`jax.set_mesh`), which
-  are TPUs also when compiling ahead of time for a TPU topology on a CPU host; else the default
-  backend (inputs are tracers inside jit, so they cannot tell)."""
-  device = jax.sharding.get_abstract_mesh().abstract_device
-  return jax.default_backend() if device is None else device.platform
-
-
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
                           bias: Optional[Array] = None, scale: Optional[float] = None,
                           is_causal: bool = False, implementation: str = "auto",
@@ -250,7 +244,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Optional[Array]
     raise ValueError(f"q, k, v must be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
   if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
     raise ValueError(f"incompatible q/k/v shapes {q.shape}, {k.shape}, {v.shape}")
-  spec = AttentionSpec(platform=_platform(), dtype=jnp.dtype(q.dtype), q_len=q.shape[1],
+  spec = AttentionSpec(platform=platform_lib.current(), dtype=jnp.dtype(q.dtype), q_len=q.shape[1],
                        kv_len=k.shape[1], num_heads=q.shape[2], head_dim=q.shape[3],
                        has_mask=mask is not None, has_bias=bias is not None, is_causal=is_causal,
                        has_dropout=dropout_rate > 0.0,

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from internvideo2_jax.data.accounting import DataReport
+from internvideo2_jax.ops import platform
 from internvideo2_jax.parallel import distributed, sharding
 from internvideo2_jax.train import optimizer as opt_lib, state as state_lib
 from internvideo2_jax.train.checkpoint import Checkpointer
@@ -155,6 +156,8 @@ def _train(cfg, workdir: str, setup: Setup, writer: MetricWriter) -> dict:
     it = iter(setup.data(start, report=report)) if start < end else None
     if report.corpora and jax.process_index() == 0:
       print(report.table(), flush=True)
+    if jax.process_index() == 0:
+      print(platform.describe(), flush=True)
     rng = jax.random.key(int(cfg.seed))
     peak = peak_flops(tc.get("peak_tflops"))
     keys = ("loss",) + tuple(k for k, w in tc.get("loss", {}).items() if w)[:5]
