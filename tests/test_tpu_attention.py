@@ -13,6 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from internvideo2_jax.ops import attention as A
+from internvideo2_jax.ops import platform as platform_lib
 
 LIBTPU = pathlib.Path(__file__).resolve().parents[1] / ".venv/libtpu/libtpu/libtpu.so"
 MARKER = "tpu_custom_call"  # the custom-call target of every Mosaic (Pallas TPU) kernel
@@ -108,13 +109,13 @@ def test_auto_under_a_cpu_mesh_is_xla():
   seen = []
 
   def attend(q, k, v):
-    seen.append(A._platform())
+    seen.append(platform_lib.current())
     return A.dot_product_attention(q, k, v)
 
   with jax.set_mesh(mesh):
     hlo = jax.jit(attend).lower(q, k, v).as_text()
     out = jax.jit(attend)(q, k, v)
-  assert seen[0] == "cpu" and A._platform() == "cpu"
+  assert seen[0] == "cpu" and platform_lib.current() == "cpu"
   assert "pallas" not in hlo and MARKER not in hlo
   np.testing.assert_allclose(out, A.xla_attention(q, k, v), atol=1e-6)
 
@@ -149,14 +150,14 @@ def test_auto_compiles_the_pallas_kernel_for_tpu(tpu_mesh, t, d, kind):
   platforms = []
 
   def train_step(q, k, v, extra):
-    platforms.append(A._platform())
+    platforms.append((platform_lib.current(), platform_lib.resolve("remat_policy", "auto")))
     kw = {kind: extra}
     loss = lambda q, k, v: jnp.sum(A.dot_product_attention(q, k, v, **kw).astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   with jax.set_mesh(tpu_mesh):
     hlo = jax.jit(train_step).lower(x, x, x, extra).compile().as_text()
-  assert platforms == ["tpu"]
+  assert platforms == [("tpu", platform_lib.DEFAULTS["tpu"]["remat_policy"])]  # the target's settings
   assert MARKER in hlo
   # shard_map keeps the kernel on per-device shards: the batch of 8 is 2 per chip, no gathers.
   assert "bf16[2,4," in hlo and "all-gather" not in hlo

@@ -136,8 +136,9 @@ def test_compiled_program_does_not_grow_with_depth():
 def test_remat_policies_and_drop_path_gradients():
   video = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 32, 32, 3)), jnp.float32)
   grads = {}
-  for policy in ("none", "full", "minimal"):
-    cfg = vit_preset("tiny", remat_policy=policy, drop_path_rate=0.3)
+  # "auto": the platform's measured choice (CPU: dots_no_batch); unrolled scans compute the same
+  for policy, unroll in (("none", 1), ("full", 1), ("minimal", 1), ("auto", "auto"), ("none", 2)):
+    cfg = vit_preset("tiny", remat_policy=policy, drop_path_rate=0.3, scan_unroll=unroll)
     model = VisionEncoder(cfg)
     params = model.init(jax.random.key(0), video)
 
@@ -145,9 +146,9 @@ def test_remat_policies_and_drop_path_gradients():
       out = model.apply(p, video, train=True, rngs={"dropout": jax.random.key(1)})
       return jnp.sum(out["pooled"] ** 2)
 
-    grads[policy] = jax.jit(jax.grad(loss))(params)
-  for policy in ("full", "minimal"):
-    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy])):
+    grads[policy, unroll] = jax.jit(jax.grad(loss))(params)
+  for key in (("full", 1), ("minimal", 1), ("auto", "auto"), ("none", 2)):
+    for a, b in zip(jax.tree.leaves(grads["none", 1]), jax.tree.leaves(grads[key])):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -206,6 +207,7 @@ def test_traced_mask_needs_num_visible():
     (dict(patch_size=7), "img_size=32 must be divisible by patch_size=7"),
     (dict(dtype="fp8"), "dtype"),
     (dict(remat_policy="sometimes"), "unknown remat_policy"),
+    (dict(scan_unroll=0), "scan_unroll=0 must be 'auto' or an integer >= 1"),
     (dict(return_layers=(5,)), "return_layers entry 5"),
 ])
 def test_bad_config_values_are_named(over, match):
