@@ -282,6 +282,14 @@ def main() -> None:
   if a.memory_child:
     memory_child(a.memory_child, a.config, a.variants, a.device, a.steps)
     return
+  bad = [c for c in a.config.split(",") if c not in CONFIGS]
+  if bad:
+    ap.error(f"--config {','.join(bad)}: not one of {', '.join(CONFIGS)}")
+  for v in a.variants.split(","):
+    try:
+      _variant(v)
+    except ValueError:
+      ap.error(f"--variants {v!r}: unroll=N needs an integer")
   import torch
   print(f"device {a.device}; torch {torch.__version__} with {torch.get_num_threads()} threads; "
         f"{os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}", flush=True)

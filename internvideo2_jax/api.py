@@ -23,6 +23,7 @@ Training and the other jobs run in-process through `train` (the `iv2` command li
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib
@@ -90,8 +91,9 @@ def load_config(spec) -> ml_collections.ConfigDict:
   mod_spec = importlib.util.spec_from_file_location(f"_iv2_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path}: a config file defines get_config(arg) (as the files in configs/ do)")
   return module.get_config(arg or None)
-
 
 
 def override(config, overrides: Optional[dict]) -> ml_collections.ConfigDict:
@@ -107,7 +109,10 @@ def override(config, overrides: Optional[dict]) -> ml_collections.ConfigDict:
         raise KeyError(f"unknown config key {key!r}: {where} has no {part!r}"
                        + (f" (did you mean {', '.join(near)}?)" if near else ""))
       if i == len(parts) - 1:
-        node[part] = value
+        try:
+          node[part] = value
+        except TypeError as e:  # ml_collections keeps each field's type
+          raise TypeError(f"config key {key!r}: {value!r} does not fit ({e})") from None
       else:
         node = node[part]
   return config
@@ -194,6 +199,16 @@ def start_runtime(config, job: str) -> None:
       logging.getLogger("internvideo2_jax").setLevel(logging.WARNING)
     print(f"multi-host: {where}", flush=True)
 
+
+def _one_process(what: str) -> None:
+  """The load / encode helpers hold a model in one process (a notebook, a script); a multi-host
+  job evaluates through the jobs (evaluate, features), which gather their results explicitly."""
+  if jax.process_count() > 1:
+    raise RuntimeError(f"api.{what} runs in one process, this is process {jax.process_index()} of "
+                       f"{jax.process_count()}: use the evaluate or features job (--config.job=...) in "
+                       "multi-host runs")
+
+
 def _kind(config) -> str:
   job = config.get("job", "")
   if job not in KINDS:
@@ -223,6 +238,7 @@ def load(path: str, *, config=None) -> Loaded:
   overrides the saved one), or from weights (`config` required: the config file they fit, e.g.
   "configs/stage2.py:size=1B"): a file, a directory laid out like a Hugging Face repo, or a
   repo id such as `OpenGVLab/InternVideo2-Stage2_1B-224p-f4` (see resolve_weights)."""
+  _one_process("load")
   if os.path.isdir(os.path.join(path, "checkpoints")):
     return _load_workdir(path, config)
   path = resolve_weights(path)
@@ -252,7 +268,8 @@ def _load_workdir(workdir: str, config) -> Loaded:
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
-    config = load_config(config) if config is not None else _saved_config(ckpt.restore_config())
+    # a copy: the restore below sets its batch size, the caller's config stays as it was
+    config = copy.deepcopy(load_config(config)) if config is not None else _saved_config(ckpt.restore_config())
     kind = _kind(config)
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     if kind == "stage2":
@@ -282,6 +299,8 @@ def _saved_config(d: dict) -> ml_collections.ConfigDict:
 
 def _batches(fn, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
   n = len(arrays[0])
+  if n == 0:
+    raise ValueError("nothing to encode: the input is empty")
   outs = []
   for s in range(0, n, batch_size):
     outs.append(np.asarray(fn(*[a[s:s + batch_size] for a in arrays])))
@@ -298,20 +317,25 @@ def _check_clips(m: Loaded, videos) -> np.ndarray:
   return videos
 
 
+def _normalizer(m: Loaded):
+  """uint8 clips -> the model's input (the run's pixel normalisation, its compute dtype)."""
+  from internvideo2_jax.data.transforms import normalize
+  norm = m.config.data.get("norm", "imagenet")
+  dtype = jnp.dtype(m.model_config.vision.get("dtype", "float32"))
+  return lambda v: normalize(v, norm, dtype)
+
+
 def encode_videos(m: Loaded, videos, *, batch_size: int = 32) -> np.ndarray:
   """uint8 clips (N, T, H, W, 3) -> L2-normalised embeddings (N, D): the stage-2 model's
   `vision_proj` space, or a classifier's attention-pooled features."""
-  from internvideo2_jax.data.transforms import normalize
   from internvideo2_jax.ops.losses import l2_normalize
-  videos = _check_clips(m, videos)
-  norm = m.config.data.get("norm", "imagenet")
-  dtype = jnp.dtype(m.model_config.vision.get("dtype", "float32"))
+  videos, prep = _check_clips(m, videos), _normalizer(m)
   if m.kind == "stage2":
     method = type(m.model).encode_vision
-    fn = jax.jit(lambda p, v: m.model.apply({"params": p}, normalize(v, norm, dtype), method=method)[1])
+    fn = jax.jit(lambda p, v: m.model.apply({"params": p}, prep(v), method=method)[1])
   else:
     pooled = _vision_output(m, "pooled")
-    fn = jax.jit(lambda p, v: pooled(p, normalize(v, norm, dtype)))
+    fn = jax.jit(lambda p, v: pooled(p, prep(v)))
   return np.asarray(l2_normalize(_batches(lambda v: fn(m.params, v), [videos], batch_size)))
 
 
@@ -333,11 +357,8 @@ def classify(m: Loaded, videos, *, batch_size: int = 32) -> np.ndarray:
   """A fine-tuned classifier's class probabilities (N, C) for uint8 clips (one view each)."""
   if m.kind != "classifier":
     raise ValueError("classify needs a fine-tuned classifier (configs/finetune.py)")
-  from internvideo2_jax.data.transforms import normalize
-  videos = _check_clips(m, videos)
-  norm = m.config.data.get("norm", "imagenet")
-  dtype = jnp.dtype(m.model_config.vision.get("dtype", "float32"))
-  fn = jax.jit(lambda p, v: jax.nn.softmax(m.model.apply({"params": p}, normalize(v, norm, dtype)), axis=-1))
+  videos, prep = _check_clips(m, videos), _normalizer(m)
+  fn = jax.jit(lambda p, v: jax.nn.softmax(m.model.apply({"params": p}, prep(v)), axis=-1))
   return _batches(lambda v: fn(m.params, v), [videos], batch_size)
 
 
@@ -354,14 +375,13 @@ def pool_attention(m: Loaded, videos, *, batch_size: int = 32) -> np.ndarray:
   """Where the attention pooling looks: its weights over the patch tokens (heads averaged, the
   class token's share left out) as (N, T / tubelet, H / patch, W / patch) maps, token order
   time-major as the official patch embedding. Each map sums to 1 - the class token's weight."""
-  from internvideo2_jax.data.transforms import normalize
-  videos = _check_clips(m, videos)
+  videos, prep = _check_clips(m, videos), _normalizer(m)
   v = m.model_config.vision
+  if not v.get("attn_pool", True):
+    raise ValueError("pool_attention: this model's vision encoder has no attention pooling (attn_pool=False)")
   grid = (v.num_frames // v.tubelet_size, v.img_size // v.patch_size, v.img_size // v.patch_size)
-  norm = m.config.data.get("norm", "imagenet")
-  dtype = jnp.dtype(v.get("dtype", "float32"))
   fn = _vision_output(m, "pool_attn")
-  attn = _batches(lambda x: fn(m.params, normalize(x, norm, dtype)), [videos], batch_size)
+  attn = _batches(lambda x: fn(m.params, prep(x)), [videos], batch_size)
   return attn[:, 1:].reshape(len(videos), *grid)
 
 
@@ -370,6 +390,9 @@ def zero_shot(m: Loaded, videos, class_names: Sequence[str], *, templates: Seque
   """Zero-shot classification with a stage-2 model: (N, C) video-prompt similarities, averaged
   over `templates` (e.g. evaluate.classification.TEMPLATES, the official ActionCLIP prompts)."""
   from internvideo2_jax.evaluate.classification import prompt_similarity
+  if not class_names or not templates or any("{}" not in t for t in templates):
+    raise ValueError(f"zero_shot needs class names and templates with a '{{}}' for the name; got "
+                     f"{len(class_names)} classes, templates {tuple(templates)!r}")
   feats = encode_videos(m, videos, batch_size=batch_size)
   prompts = encode_texts(m, [t.format(c) for c in class_names for t in templates])
   return prompt_similarity(feats, prompts, len(class_names))
@@ -382,6 +405,8 @@ def heldout(m: Loaded, *, limit: Optional[int] = None):
   from internvideo2_jax.data.loader import LoadSpec
   from internvideo2_jax.evaluate import retrieval
   from internvideo2_jax.evaluate.run import eval_set
+  if m.kind != "stage2":
+    raise ValueError("heldout: the held-out retrieval set belongs to a video-text (stage-2) run")
   v = m.model_config.vision
   spec = LoadSpec(num_frames=v.num_frames, size=v.img_size, patch_size=v.patch_size, tubelet_size=v.tubelet_size)
   corpus = eval_set(m.config, m.config.to_dict())
@@ -391,15 +416,8 @@ def heldout(m: Loaded, *, limit: Optional[int] = None):
 
 def metrics_history(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """A run's metrics.jsonl as {name: [(step, value), ...]} (for plots in a notebook)."""
-  import json
-  out: dict = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except ValueError:
-        continue
-      for k, v in rec.items():
-        if k not in ("step", "time"):
-          out.setdefault(k, []).append((int(rec["step"]), float(v)))
-  return out
+  from internvideo2_jax.train.metrics import read_history
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no metrics (is {workdir} a training run's workdir?)")
+  return read_history(path)

@@ -218,6 +218,12 @@ def test_python_api_loads_workdirs_and_files(tmp_path):
   attn = api.pool_attention(from_dir, held.videos)
   assert attn.shape == (4, 4, 4, 4) and np.all(attn >= 0) and np.all(attn.sum((1, 2, 3)) <= 1 + 1e-5)
   assert api.zero_shot(from_dir, held.videos, ["left", "right"], templates=("{}", "moving {}")).shape == (4, 2)
+  with pytest.raises(ValueError, match="templates with a"):
+    api.zero_shot(from_dir, held.videos, ["left"], templates=("moving",))
+  with pytest.raises(ValueError, match="input is empty"):
+    api.encode_texts(from_dir, [])
+  with pytest.raises(TypeError, match="config key 'train.total_steps'"):
+    api.override(stage2_config.get_config("size=tiny"), {"train.total_steps": "many"})
   v = api.encode_videos(from_dir, clips)
   t = api.encode_texts(from_dir, ["a red circle moves left", "a blue square moves up"])
   assert v.shape == (3, 16) and t.shape == (2, 16)
@@ -250,6 +256,8 @@ def test_python_api_loads_workdirs_and_files(tmp_path):
   finetune.run(f, str(tmp_path / "ft"))
   clf = api.load(str(tmp_path / "ft"))
   probs = api.classify(clf, clips)
+  with pytest.raises(ValueError, match="belongs to a video-text"):
+    api.heldout(clf)
   assert probs.shape == (3, 4)
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
   same = api.load(str(tmp_path / "ft" / "export" / "finetune_official_layout.safetensors"), config=f)

@@ -81,8 +81,9 @@ def initialize(cfg=None) -> str:
 
 def _cpu_collective_timeout(seconds: int) -> None:
   """CPU collectives (gloo between processes, rendezvous between the devices of one process)
-  give up when the participants arrive more than 30 s apart, which a loaded host reaches easily (one process compiling or writing files while the others wait):
-  the same `distributed.timeout_s` applies to them. XLA reads XLA_FLAGS when the backend starts,
+  give up when the participants arrive more than 30 s apart, which a loaded host reaches easily
+  (one process compiling or writing files while the others wait): the same
+  `distributed.timeout_s` applies to them. XLA reads XLA_FLAGS when the backend starts,
   which is after this point; the flag is a no-op on GPU and TPU. A value already set wins."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "--xla_cpu_collective_timeout_seconds" not in flags:

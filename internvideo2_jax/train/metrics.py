@@ -198,23 +198,31 @@ def _jsonable(o):
   return o.tolist() if hasattr(o, "tolist") else str(o)
 
 
-def plot_curves(jsonl_path: str, out_path: str) -> Optional[str]:
-  """The training losses and the evaluation R@1 / accuracy over steps as one PNG (for users
-  without TensorBoard). Returns the path, or None when there is nothing to plot."""
-  # A Figure without pyplot: no global backend switch (a notebook's inline plots keep working)
-  from matplotlib.figure import Figure
-  train, evals = {}, {}
+def read_history(jsonl_path: str) -> dict[str, list[tuple[int, float]]]:
+  """A metrics.jsonl (local or gs://) as {name: [(step, value), ...]}; unreadable lines skipped."""
   from etils import epath
+  out: dict = {}
   for line in epath.Path(jsonl_path).read_text().splitlines():
     try:
       rec = json.loads(line)
     except ValueError:
       continue
     for k, v in rec.items():
-      if k.startswith("train/") and (k == "train/loss" or k[6:] in _LOSS_NAMES):
-        train.setdefault(k[6:], []).append((rec["step"], v))
-      elif k.startswith("eval/") and _EVAL_KEYS.search(k):
-        evals.setdefault(k[5:], []).append((rec["step"], v))
+      if k not in ("step", "time") and isinstance(v, (int, float)):
+        out.setdefault(k, []).append((int(rec["step"]), float(v)))
+  return out
+
+
+def plot_curves(jsonl_path: str, out_path: str) -> Optional[str]:
+  """The training losses and the evaluation R@1 / accuracy over steps as one PNG (for users
+  without TensorBoard). Returns the path, or None when there is nothing to plot."""
+  # A Figure without pyplot: no global backend switch (a notebook's inline plots keep working)
+  from matplotlib.figure import Figure
+  from etils import epath
+  history = read_history(jsonl_path)
+  train = {k[6:]: v for k, v in history.items()
+           if k.startswith("train/") and (k == "train/loss" or k[6:] in _LOSS_NAMES)}
+  evals = {k[5:]: v for k, v in history.items() if k.startswith("eval/") and _EVAL_KEYS.search(k)}
   if not train:
     return None
   fig = Figure(figsize=(11 if evals else 6, 4))
