@@ -344,6 +344,8 @@ def encode_texts(m: Loaded, texts: Sequence[str], *, max_len: Optional[int] = No
   cleaning and tokenizer)."""
   if m.kind != "stage2":
     raise ValueError("encode_texts needs a video-text (stage-2) model")
+  if len(texts) == 0:
+    raise ValueError("nothing to encode: the input is empty")
   from internvideo2_jax.data import text as text_lib
   from internvideo2_jax.ops.losses import l2_normalize
   max_len = int(max_len or m.config.eval.get("max_txt_l", 32))
